@@ -1,0 +1,1 @@
+"""Hardware generators: the overlay configuration, the tile ISA and Amaranth RTL."""

@@ -1,0 +1,240 @@
+"""The tile instruction set, defined once.
+
+The Amaranth enums and layouts in this module are used by the RTL decoder
+(:mod:`tilewright.hw.tile`), the assembler and disassembler (:mod:`tilewright.sw.asm`), the golden
+model (:mod:`tilewright.sim.golden`) and the generated encoding table in ``docs/isa.md``.
+
+Every instruction is one 64-bit word::
+
+    [7:0]   opcode   Opcode
+    [15:8]  a        SETP: parameter id (Param);  ops: flags (Flag)
+    [31:16] b        CONV: number of non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group
+    [63:32] imm      SETP: signed 32-bit value; otherwise 0
+
+A CONV word is followed by ``ceil(nnz / 4)`` index words, each holding four 16-bit input
+channel-group indices (the block-column indices of the block row), little-end first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from amaranth.lib import data, enum
+
+if TYPE_CHECKING:
+    from .config import TileConfig
+
+__all__ = [
+    "Opcode", "Param", "Flag", "ErrorCode", "INSTR_LAYOUT", "INDEX_LAYOUT", "INDEX_PER_WORD",
+    "Instr", "ParamRange", "param_range", "index_words", "OPS", "ENGINE_OPS",
+]
+
+
+class Opcode(enum.Enum, shape=8):
+    """Instruction opcodes. 0 is never valid, so running into zeroed memory stops at once."""
+
+    ILLEGAL = 0x00
+    HALT = 0x01
+    NOP = 0x02
+    SETP = 0x03
+    CONV = 0x10
+    MAXPOOL = 0x11
+    AVGPOOL = 0x12
+    ADD = 0x13
+
+
+class Param(enum.Enum, shape=8):
+    """Parameter registers written by SETP (word addresses and strides are in memory words)."""
+
+    IN_BASE = 0
+    IN_ROW = 1
+    IN_CG = 2
+    B_BASE = 3
+    OUT_BASE = 4
+    OUT_ROW = 5
+    OUT_CG = 6
+    HO = 7
+    WO = 8
+    KH = 9
+    KW = 10
+    STRIDE = 11
+    W_PTR = 12
+    Q_PTR = 13
+    SHIFT = 14
+    MUL_A = 15
+    MUL_B = 16
+
+
+class Flag(enum.Enum, shape=8):
+    """Flag bits of the ``a`` field of an op (values are bit masks)."""
+
+    RELU = 0x01
+    FENCE = 0x02
+
+
+FLAG_MASK = 0x03
+
+
+class ErrorCode(enum.Enum, shape=8):
+    """Why a tile stopped with ``error`` set (readable on the ``error_code`` port)."""
+
+    NONE = 0
+    ILLEGAL_OPCODE = 1
+    BAD_PARAM = 2
+    BAD_VALUE = 3
+    PC_OVERFLOW = 4
+    MALFORMED = 5
+
+
+INSTR_LAYOUT = data.StructLayout({
+    "opcode": Opcode,
+    "a": 8,
+    "b": 16,
+    "imm": 32,
+})
+
+INDEX_PER_WORD = 4
+INDEX_LAYOUT = data.ArrayLayout(16, INDEX_PER_WORD)
+
+#: Ops executed by the MAC engine (each produces one output channel group).
+ENGINE_OPS = (Opcode.CONV, Opcode.MAXPOOL, Opcode.AVGPOOL, Opcode.ADD)
+OPS = tuple(Opcode)
+
+
+def index_words(nnz: int) -> int:
+    """Number of index words following a CONV with ``nnz`` non-zero blocks."""
+    return (nnz + INDEX_PER_WORD - 1) // INDEX_PER_WORD
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """Accepted values of one parameter: ``lo <= v <= hi`` and ``v % align == 0``."""
+
+    lo: int
+    hi: int
+    align: int = 1
+
+    def accepts(self, v: int) -> bool:
+        return self.lo <= v <= self.hi and v % self.align == 0
+
+    def describe(self) -> str:
+        s = f"{self.lo}..{self.hi}"
+        return s + (f", a multiple of {self.align}" if self.align > 1 else "")
+
+
+MAX_SPATIAL = 1023
+MAX_KERNEL = 15
+MAX_SHIFT = 62
+
+
+def param_range(p: Param, tile: TileConfig) -> ParamRange:
+    """The values a SETP of ``p`` accepts on a tile; any other value is a BAD_VALUE error."""
+    words = tile.dmem_words - 1
+    if p in (Param.IN_BASE, Param.IN_ROW, Param.IN_CG, Param.B_BASE, Param.OUT_BASE,
+             Param.OUT_ROW, Param.OUT_CG):
+        return ParamRange(0, words)
+    if p in (Param.HO, Param.WO):
+        return ParamRange(1, MAX_SPATIAL)
+    if p in (Param.KH, Param.KW):
+        return ParamRange(1, MAX_KERNEL)
+    if p is Param.STRIDE:
+        return ParamRange(1, 2)
+    if p is Param.W_PTR:
+        return ParamRange(0, words, tile.block)
+    if p is Param.Q_PTR:
+        return ParamRange(0, words, tile.qrec_words)
+    if p is Param.SHIFT:
+        return ParamRange(0, MAX_SHIFT)
+    if p in (Param.MUL_A, Param.MUL_B):
+        return ParamRange(-(1 << 15), (1 << 15) - 1)
+    raise AssertionError(p)
+
+
+@dataclass(frozen=True)
+class Instr:
+    """One decoded instruction word."""
+
+    opcode: int
+    a: int = 0
+    b: int = 0
+    imm: int = 0
+
+    def encode(self) -> int:
+        """The 64-bit word, laid out as :data:`INSTR_LAYOUT`."""
+        for name, width, v in (("opcode", 8, self.opcode), ("a", 8, self.a),
+                               ("b", 16, self.b)):
+            if not 0 <= v < 1 << width:
+                raise ValueError(f"instruction field {name} must be 0..{(1 << width) - 1}, "
+                                 f"not {v!r}")
+        if not -(1 << 31) <= self.imm < 1 << 32:
+            raise ValueError(f"instruction field imm must fit 32 bits, not {self.imm!r}")
+        return (_field_value("opcode", self.opcode) | _field_value("a", self.a)
+                | _field_value("b", self.b) | _field_value("imm", self.imm & 0xFFFF_FFFF))
+
+    @classmethod
+    def decode(cls, word: int) -> Instr:
+        if not 0 <= word < 1 << 64:
+            raise ValueError(f"instruction word must be a 64-bit unsigned value, not {word!r}")
+        imm = _field_get("imm", word)
+        if imm >= 1 << 31:
+            imm -= 1 << 32
+        return cls(_field_get("opcode", word), _field_get("a", word), _field_get("b", word),
+                   imm)
+
+    @property
+    def op(self) -> Opcode | None:
+        try:
+            return Opcode(self.opcode)
+        except ValueError:
+            return None
+
+
+def _field_value(name: str, v: int) -> int:
+    f = INSTR_LAYOUT[name]
+    return (v & ((1 << f.width) - 1)) << f.offset
+
+
+def _field_get(name: str, word: int) -> int:
+    f = INSTR_LAYOUT[name]
+    return (word >> f.offset) & ((1 << f.width) - 1)
+
+
+def encode_index_word(entries: list[int]) -> int:
+    """Pack up to four 16-bit channel-group indices into one index word."""
+    if len(entries) > INDEX_PER_WORD:
+        raise ValueError(f"an index word holds at most {INDEX_PER_WORD} entries, "
+                         f"not {len(entries)}")
+    w = 0
+    for i, e in enumerate(entries):
+        if not 0 <= e < 1 << 16:
+            raise ValueError(f"block index must be 0..65535, not {e!r}")
+        w |= e << (16 * i)
+    return w
+
+
+def decode_index_word(word: int) -> list[int]:
+    return [(word >> (16 * i)) & 0xFFFF for i in range(INDEX_PER_WORD)]
+
+
+def check_static(ins: Instr) -> ErrorCode:
+    """Errors an instruction word has on its own (without tile parameters).
+
+    The RTL decoder implements exactly these rules; BAD_VALUE is checked by SETP against
+    :func:`param_range`.
+    """
+    op = ins.op
+    if op is None or op is Opcode.ILLEGAL:
+        return ErrorCode.ILLEGAL_OPCODE
+    if op in (Opcode.HALT, Opcode.NOP):
+        return ErrorCode.MALFORMED if (ins.a or ins.b or ins.imm) else ErrorCode.NONE
+    if op is Opcode.SETP:
+        if ins.b:
+            return ErrorCode.MALFORMED
+        if ins.a not in {p.value for p in Param}:
+            return ErrorCode.BAD_PARAM
+        return ErrorCode.NONE
+    # engine ops
+    if ins.imm or ins.a & ~FLAG_MASK:
+        return ErrorCode.MALFORMED
+    return ErrorCode.NONE

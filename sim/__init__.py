@@ -1,0 +1,1 @@
+"""Simulation: the golden model, Verilator builds and cocotb test benches."""

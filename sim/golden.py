@@ -1,0 +1,265 @@
+"""Golden model of the compute tile: executes a program bit for bit and counts cycles exactly
+as the RTL does (see the cycle model in ``docs/architecture.md``).
+
+Importable with no simulator: it needs numpy and the ISA definition only. Each op is executed
+with vectorised numpy over all output pixels; cycles come from closed formulas per chunk, so
+the model's speed does not depend on the number of simulated cycles.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tilewright.hw.config import TileConfig
+from tilewright.hw.isa import (
+    ENGINE_OPS,
+    ErrorCode,
+    Flag,
+    Instr,
+    Opcode,
+    Param,
+    check_static,
+    decode_index_word,
+    index_words,
+    param_range,
+)
+from tilewright.sw.numerics import requantize
+
+__all__ = ["TileModel", "RunResult", "HazardError", "reset_params", "op_steps"]
+
+
+class HazardError(RuntimeError):
+    """A program reads memory that an earlier op's writeback may not have written yet
+    (it needs the FENCE flag), or an op's output overlaps its own input."""
+
+
+def reset_params() -> dict[Param, int]:
+    """Parameter register values after ``start``."""
+    p = {q: 0 for q in Param}
+    for q in (Param.HO, Param.WO, Param.KH, Param.KW, Param.STRIDE):
+        p[q] = 1
+    return p
+
+
+def op_steps(op: Opcode, nnz: int, kh: int, kw: int) -> int:
+    """Steps per chunk: CONV one per non-zero block and tap, pools one per tap, ADD two."""
+    if op is Opcode.CONV:
+        return nnz * kh * kw
+    if op is Opcode.ADD:
+        return 2
+    return kh * kw
+
+
+@dataclass
+class OpTrace:
+    """Timing of one executed op (for reports and tests)."""
+
+    pc: int
+    op: Opcode
+    issue_start: int
+    issue_end: int
+    macs: int
+
+
+@dataclass
+class RunResult:
+    dmem: np.ndarray
+    cycles: int
+    error: ErrorCode = ErrorCode.NONE
+    error_pc: int = 0
+    instructions: int = 0
+    mac_cycles: int = 0
+    ops: list[OpTrace] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is ErrorCode.NONE
+
+
+class TileModel:
+    """Executes tile programs on a data memory image.
+
+    Parameters
+    ----------
+    tile : TileConfig
+        The tile the program targets.
+    check_hazards : bool
+        Raise :class:`HazardError` when the program relies on writebacks the RTL may not have
+        finished (missing FENCE), since the RTL would then disagree with this model.
+    """
+
+    def __init__(self, tile: TileConfig, *, check_hazards: bool = True) -> None:
+        if not isinstance(tile, TileConfig):
+            raise TypeError(f"tile must be a TileConfig, not {tile!r}")
+        self.tile = tile
+        self.check_hazards = check_hazards
+
+    # ------------------------------------------------------------------------------------
+    def run(self, program: list[int], dmem: np.ndarray, *,
+            max_instructions: int = 10_000_000) -> RunResult:
+        t = self.tile
+        pm = [0] * t.pmem_words
+        if len(program) > t.pmem_words:
+            raise ValueError(f"program has {len(program)} words; program memory holds "
+                             f"{t.pmem_words}")
+        pm[:len(program)] = [int(w) for w in program]
+        mem = np.array(dmem, dtype=np.uint8, copy=True)
+        if mem.shape != (t.dmem_bytes,):
+            raise ValueError(f"dmem image must be {t.dmem_bytes} bytes, not {mem.shape}")
+        words = mem.view(np.int8).reshape(t.dmem_words, t.block)
+
+        params = reset_params()
+        pc = 0
+        now = 0                      # cycle of the current FETCH
+        d_hist: deque[int] = deque([-10, -10], maxlen=2)   # d of the last two chunks
+        pending: list[tuple[int, np.ndarray]] = []         # (d, written word addresses)
+        res = RunResult(mem, 0)
+        ninstr = 0
+        while True:
+            ninstr += 1
+            if ninstr > max_instructions:
+                raise RuntimeError(f"program did not halt within {max_instructions} "
+                                   f"instructions")
+            ins = Instr.decode(pm[pc])
+            decode = now + 1
+            err = check_static(ins)
+            op = ins.op
+            nidx = index_words(ins.b) if op is Opcode.CONV else 0
+            if err is ErrorCode.NONE and op is not Opcode.HALT and pc + 1 + nidx >= t.pmem_words:
+                err = ErrorCode.PC_OVERFLOW
+            if err is ErrorCode.NONE and op is Opcode.SETP:
+                prm = Param(ins.a)
+                if not param_range(prm, t).accepts(ins.imm):
+                    err = ErrorCode.BAD_VALUE
+            if err is not ErrorCode.NONE:
+                res.error, res.error_pc, res.cycles = err, pc, decode + 1
+                break
+            if op is Opcode.HALT:
+                c = max(decode, d_hist[-1] + 1)
+                res.cycles = c + 1
+                break
+            if op in (Opcode.SETP, Opcode.NOP):
+                if op is Opcode.SETP:
+                    params[Param(ins.a)] = ins.imm
+                pc += 1
+                now = decode + 1
+                continue
+            # engine op ------------------------------------------------------------------
+            fence = bool(ins.a & Flag.FENCE.value)
+            c = max(decode, d_hist[-1] + 1) if fence else decode
+            if fence:
+                pending = []
+            idx: list[int] = []
+            if op is Opcode.CONV:
+                for k in range(nidx):
+                    idx += decode_index_word(pm[pc + 1 + k])
+                idx = idx[:ins.b]
+            ready = c + 2
+            pending = [(d, a) for (d, a) in pending if d >= ready]
+            reads, writes, macs = self._execute(op, ins, idx, params, words)
+            if self.check_hazards:
+                self._check(pc, reads, writes, pending)
+            # timing of the chunks
+            ho, wo = params[Param.HO], params[Param.WO]
+            wg = -(-wo // t.pixels)
+            total = ho * wg
+            steps = op_steps(op, len(idx), params[Param.KH], params[Param.KW])
+            first_issue = None
+            e = ready - 1
+            done = 0
+            while done < total:
+                # a fully sparse block row is one chunk of every group (no accumulator use)
+                ng = min(t.acc_depth, total - done) if steps else total - done
+                dur = steps * ng if steps else 1
+                tk = max(ready, d_hist[0] + 1)
+                if first_issue is None:
+                    first_issue = tk
+                e = tk + dur - 1
+                ready = e + 1
+                s = max(e + 2, d_hist[-1] + 1)
+                d_hist.append(s + ng - 1)
+                res.mac_cycles += steps * ng
+                done += ng
+            pending.append((d_hist[-1], writes))
+            res.ops.append(OpTrace(pc, op, first_issue or ready, e, macs))
+            # auto-advance
+            wd = t.dmem_words
+            if op is Opcode.CONV:
+                params[Param.W_PTR] = (params[Param.W_PTR] + len(idx) * params[Param.KH]
+                                       * params[Param.KW] * t.block) % wd
+            params[Param.Q_PTR] = (params[Param.Q_PTR] + t.qrec_words) % wd
+            params[Param.OUT_BASE] = (params[Param.OUT_BASE] + params[Param.OUT_CG]) % wd
+            pc += 1 + nidx
+            now = e + 1
+        res.instructions = ninstr
+        return res
+
+    # ------------------------------------------------------------------------------------
+    def _execute(self, op: Opcode, ins: Instr, idx: list[int], p: dict[Param, int],
+                 words: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Execute one op on ``words`` in place; return (read addrs, written addrs, MACs)."""
+        t = self.tile
+        b, nw = t.block, t.dmem_words
+        ho, wo, s = p[Param.HO], p[Param.WO], p[Param.STRIDE]
+        kh_n, kw_n = p[Param.KH], p[Param.KW]
+        row = p[Param.IN_ROW]
+        oy = np.arange(ho, dtype=np.int64)[:, None]
+        ox = np.arange(wo, dtype=np.int64)[None, :]
+        pix = oy * s * row + ox * s                      # (HO, WO)
+        reads: list[np.ndarray] = []
+        w64 = words.astype(np.int64)
+
+        def gather(base: int) -> np.ndarray:
+            a = (base + pix) % nw
+            reads.append(a.ravel())
+            return w64[a]                                 # (HO, WO, b)
+
+        macs = 0
+        if op is Opcode.CONV:
+            acc = np.zeros((ho, wo, b), dtype=np.int64)
+            wptr = p[Param.W_PTR]
+            taps = kh_n * kw_n
+            for j, cg in enumerate(idx):
+                base = p[Param.IN_BASE] + cg * p[Param.IN_CG]
+                for tap in range(taps):
+                    kh, kw = divmod(tap, kw_n)
+                    a = gather(base + kh * row + kw)
+                    la = (wptr + (j * taps + tap) * b + np.arange(b)) % nw
+                    reads.append(la)
+                    acc += a @ w64[la].T
+            macs = len(idx) * taps * ho * wo * b * b
+        elif op in (Opcode.MAXPOOL, Opcode.AVGPOOL):
+            base = p[Param.IN_BASE] + ins.b * p[Param.IN_CG]
+            taps = [gather(base + kh * row + kw)
+                    for kh in range(kh_n) for kw in range(kw_n)]
+            acc = np.max(taps, axis=0) if op is Opcode.MAXPOOL else np.sum(taps, axis=0)
+        else:  # ADD
+            off = ins.b * p[Param.IN_CG]
+            acc = (p[Param.MUL_A] * gather(p[Param.IN_BASE] + off)
+                   + p[Param.MUL_B] * gather(p[Param.B_BASE] + off))
+        qa = (p[Param.Q_PTR] + np.arange(t.qrec_words)) % nw
+        reads.append(qa)
+        qbytes = words[qa].view(np.uint8).reshape(-1)
+        bias = qbytes[:4 * b].view("<i4").astype(np.int64)
+        mult = qbytes[4 * b:8 * b].view("<i4").astype(np.int64)
+        y = requantize(acc, bias, mult, p[Param.SHIFT], bool(ins.a & Flag.RELU.value))
+        out = (p[Param.OUT_BASE] + oy * p[Param.OUT_ROW] + ox) % nw
+        words[out] = y
+        return np.concatenate(reads), out.ravel(), macs
+
+    @staticmethod
+    def _check(pc: int, reads: np.ndarray, writes: np.ndarray,
+               pending: list[tuple[int, np.ndarray]]) -> None:
+        if np.intersect1d(reads, writes).size:
+            raise HazardError(f"op at pc {pc} writes words it also reads (in-place op); "
+                              f"first overlapping word {np.intersect1d(reads, writes)[0]}")
+        for _, w in pending:
+            hit = np.intersect1d(reads, w)
+            if hit.size:
+                raise HazardError(f"op at pc {pc} reads word {hit[0]} written by an earlier "
+                                  f"op whose writeback may still be running; set FENCE")
+
+

@@ -1,0 +1,83 @@
+"""Run tile programs in Amaranth's Python simulator (small configurations, short programs).
+
+Used by the fast tests; long runs belong in Verilator (:mod:`tilewright.sim.verilator`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth.sim import Simulator
+
+from tilewright.hw.config import TileConfig
+from tilewright.hw.tile import ComputeTile
+
+__all__ = ["PysimResult", "run_pysim"]
+
+
+@dataclass
+class PysimResult:
+    dmem: np.ndarray
+    cycles: int
+    error: bool
+    error_code: int
+    error_pc: int
+
+
+def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
+              max_cycles: int = 200_000) -> PysimResult:
+    """Load ``program`` and ``dmem`` through the tile's ports, run to ``done``, read back."""
+    dut = ComputeTile(tile)
+    words = np.asarray(dmem, dtype=np.uint8).reshape(tile.dmem_words, tile.block)
+    wvals = [int.from_bytes(w.tobytes(), "little") for w in words]
+    out: dict = {}
+
+    async def bench(ctx):
+        for a, w in enumerate(program):
+            ctx.set(dut.pm_we, 1)
+            ctx.set(dut.pm_addr, a)
+            ctx.set(dut.pm_wdata, w)
+            await ctx.tick()
+        ctx.set(dut.pm_we, 0)
+        for a, w in enumerate(wvals):
+            if w:
+                ctx.set(dut.dm_we, 1)
+                ctx.set(dut.dm_addr, a)
+                ctx.set(dut.dm_wdata, w)
+                await ctx.tick()
+        ctx.set(dut.dm_we, 0)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        n = 0
+        while not ctx.get(dut.done):
+            await ctx.tick()
+            n += 1
+            if n > max_cycles:
+                raise TimeoutError(f"tile did not finish within {max_cycles} cycles")
+        for _ in range(tile.acc_depth * 4 + 8):   # let in-flight writebacks (after errors) end
+            await ctx.tick()
+        res = []
+        for a in range(tile.dmem_words):
+            ctx.set(dut.dm_re, 1)
+            ctx.set(dut.dm_addr, a)
+            await ctx.tick()
+            res.append(ctx.get(dut.dm_rdata))
+        ctx.set(dut.dm_re, 0)
+        await ctx.tick()
+        out["words"] = res
+        out["cycles"] = ctx.get(dut.cycles)
+        out["error"] = ctx.get(dut.error)
+        out["error_code"] = ctx.get(dut.error_code)
+        out["error_pc"] = ctx.get(dut.error_pc)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-9)
+    sim.add_testbench(bench)
+    sim.run()
+    mem = np.frombuffer(b"".join(int(w).to_bytes(tile.block, "little") for w in out["words"]),
+                        dtype=np.uint8).copy()
+    ec = out["error_code"]
+    return PysimResult(mem, int(out["cycles"]), bool(out["error"]),
+                       int(getattr(ec, "value", ec)), int(out["error_pc"]))

@@ -1,0 +1,1 @@
+"""Software stack: assembler, numerics, PyTorch reference, compilers and the CLI."""
