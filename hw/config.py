@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "TileConfig", "ArrayConfig", "OverlayConfig", "load_config"]
+__all__ = ["ArrayConfig", "ConfigError", "OverlayConfig", "TileConfig", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -169,12 +169,13 @@ def _check_tile(src: str, t: TileConfig) -> None:
     if t.dmem_words % t.dmem_banks:
         raise ConfigError(f"{src}: 'tile.dmem_bytes' = {t.dmem_bytes} is not a whole number of "
                           f"rows of {t.dmem_banks} banks x {t.block}-byte words")
-    # The tile must hold, at the very least, one block-row of 1x1 weights, a requantisation
-    # record and input/output windows of one pixel group each.
-    need = (t.block + t.qrec_words + 2 * t.pixels) * t.block
+    # The tile must hold at least one 3x3 block row: 9 weight lines, a requantisation record,
+    # a 3-row input window one pixel group (+ halo) wide and one output group.
+    need = (9 * t.block + t.qrec_words + 3 * (t.pixels + 2) + t.pixels) * t.block
     if t.dmem_bytes < need:
         raise ConfigError(f"{src}: 'tile.dmem_bytes' = {t.dmem_bytes} is too small for the "
-                          f"buffers one op needs ({need} bytes); accepted: at least {need}")
+                          f"buffers of one 3x3 block row ({need} bytes); accepted: a power of "
+                          f"two of at least {need}")
     if t.dmem_words > 1 << 16:
         raise ConfigError(f"{src}: 'tile.dmem_bytes' = {t.dmem_bytes} gives more than 65536 "
                           f"words, beyond the 16-bit address fields of the ISA")

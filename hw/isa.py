@@ -26,8 +26,19 @@ if TYPE_CHECKING:
     from .config import TileConfig
 
 __all__ = [
-    "Opcode", "Param", "Flag", "ErrorCode", "INSTR_LAYOUT", "INDEX_LAYOUT", "INDEX_PER_WORD",
-    "Instr", "ParamRange", "param_range", "index_words", "OPS", "ENGINE_OPS",
+    "ENGINE_OPS",
+    "INDEX_LAYOUT",
+    "INDEX_PER_WORD",
+    "INSTR_LAYOUT",
+    "OPS",
+    "ErrorCode",
+    "Flag",
+    "Instr",
+    "Opcode",
+    "Param",
+    "ParamRange",
+    "index_words",
+    "param_range",
 ]
 
 
@@ -238,3 +249,45 @@ def check_static(ins: Instr) -> ErrorCode:
     if ins.imm or ins.a & ~FLAG_MASK:
         return ErrorCode.MALFORMED
     return ErrorCode.NONE
+
+
+def encoding_table() -> str:
+    """The Markdown encoding reference of ``docs/isa.md``, generated from this module."""
+    lines = ["| bits | field | meaning |", "|---|---|---|"]
+    for name, f in INSTR_LAYOUT:
+        hi = f.offset + f.width - 1
+        meaning = {
+            "opcode": "Opcode",
+            "a": "SETP: Param id; ops: Flag bits",
+            "b": "CONV: non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group; else 0",
+            "imm": "SETP: signed value; else 0",
+        }[name]
+        lines.append(f"| [{hi}:{f.offset}] | {name} | {meaning} |")
+    lines += ["", "| opcode | value | format |", "|---|---|---|"]
+    fmt = {
+        Opcode.ILLEGAL: "never valid (zeroed memory stops the tile)",
+        Opcode.HALT: "a=b=imm=0; waits for every writeback, then done",
+        Opcode.NOP: "a=b=imm=0",
+        Opcode.SETP: "a=Param, b=0, imm=value (checked against the parameter's range)",
+        Opcode.CONV: "a=flags, b=nnz, then ceil(nnz/4) index words",
+        Opcode.MAXPOOL: "a=flags, b=input channel group",
+        Opcode.AVGPOOL: "a=flags, b=input channel group",
+        Opcode.ADD: "a=flags, b=channel group of both operands",
+    }
+    for op in Opcode:
+        lines.append(f"| {op.name} | 0x{op.value:02x} | {fmt[op]} |")
+    lines += ["", "| param | id | accepted values (reference tile aie2-1x1) |", "|---|---|---|"]
+    from .config import TileConfig
+
+    ref = TileConfig()
+    for p in Param:
+        lines.append(f"| {p.name} | {p.value} | {param_range(p, ref).describe()} |")
+    lines += ["", "| flag | mask |", "|---|---|"]
+    lines += [f"| {f.name} | 0x{f.value:02x} |" for f in Flag]
+    lines += ["", "| error code | value |", "|---|---|"]
+    lines += [f"| {e.name} | {e.value} |" for e in ErrorCode]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(encoding_table(), end="")

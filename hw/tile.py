@@ -81,7 +81,7 @@ class ComputeTile(wiring.Component):
             "dm_rdata": Out(tile.word_bits),
         })
 
-    def elaborate(self, platform):  # noqa: C901 - one FSM, kept in one place on purpose
+    def elaborate(self, platform):
         t = self.tile
         m = Module()
         P, B, NB = t.pixels, t.block, t.dmem_banks
@@ -284,10 +284,9 @@ class ComputeTile(wiring.Component):
                     m.d.sync += [busy.eq(0), self.done.eq(1), self.error.eq(1),
                                  self.error_code.eq(err), self.error_pc.eq(pc)]
                     m.next = "IDLE"
-                with m.Elif(is_halt):
-                    with m.If(eng_idle):
-                        m.d.sync += [busy.eq(0), self.done.eq(1)]
-                        m.next = "IDLE"
+                with m.Elif(is_halt), m.If(eng_idle):
+                    m.d.sync += [busy.eq(0), self.done.eq(1)]
+                    m.next = "IDLE"
                 with m.Elif(is_setp):
                     with m.Switch(ins.a):
                         for p in Param:

@@ -15,7 +15,6 @@ import numpy as np
 
 from tilewright.hw.config import TileConfig
 from tilewright.hw.isa import (
-    ENGINE_OPS,
     ErrorCode,
     Flag,
     Instr,
@@ -28,7 +27,7 @@ from tilewright.hw.isa import (
 )
 from tilewright.sw.numerics import requantize
 
-__all__ = ["TileModel", "RunResult", "HazardError", "reset_params", "op_steps"]
+__all__ = ["HazardError", "RunResult", "TileModel", "op_steps", "reset_params"]
 
 
 class HazardError(RuntimeError):

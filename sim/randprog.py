@@ -14,7 +14,7 @@ import numpy as np
 from tilewright.hw.config import TileConfig
 from tilewright.sw.asm import Program
 
-__all__ = ["RandomCase", "random_case", "OP_KINDS"]
+__all__ = ["OP_KINDS", "RandomCase", "random_case"]
 
 OP_KINDS = ("conv", "maxpool", "avgpool", "add")
 
@@ -102,7 +102,7 @@ def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> 
         p.setps(B_BASE=b_base, MUL_A=int(rng.integers(-20000, 20000)),
                 MUL_B=int(rng.integers(-20000, 20000)))
     wptr = w_base
-    for r in range(cout_g):
+    for _ in range(cout_g):
         relu = bool(rng.random() < 0.5)
         fence = bool(rng.random() < 0.2)
         if op == "conv":

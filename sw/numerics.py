@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["wrap32", "requantize", "round_shift"]
+__all__ = ["requantize", "round_shift", "wrap32"]
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Golden model: semantics against a direct formula, cycle-model properties, hazards."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilewright.hw.config import load_config
+from tilewright.hw.isa import ErrorCode
+from tilewright.sim.golden import HazardError, TileModel
+from tilewright.sim.randprog import OP_KINDS, random_case
+from tilewright.sw.asm import Program
+from tilewright.sw.numerics import requantize
+
+REPO = Path(__file__).resolve().parents[1]
+REF = load_config(REPO / "overlay_configs" / "aie2-1x1.yaml").tile
+TINY = load_config(REPO / "overlay_configs" / "tiny-1x1.yaml").tile
+
+
+def _conv_setup(tile, rng, ho, wo, k, s, cin_g, idx_rows):
+    b = tile.block
+    mem = np.zeros(tile.dmem_bytes, np.uint8)
+    hi, wi = (ho - 1) * s + k, (wo - 1) * s + k
+    x = rng.integers(-128, 128, (cin_g, hi, wi, b)).astype(np.int8)
+    in_base, w_base, out_base = 512, 2048, 6000
+    mem[in_base * b:(in_base + x.size // b) * b] = x.view(np.uint8).ravel()
+    ws, wptr = [], w_base
+    for idx in idx_rows:
+        w = rng.integers(-128, 128, (len(idx), k, k, b, b)).astype(np.int8)
+        mem[wptr * b:wptr * b + w.size] = w.view(np.uint8).ravel()
+        wptr += w.size // b
+        ws.append(w)
+    bias = rng.integers(-1000, 1000, (len(idx_rows), b)).astype("<i4")
+    mult = rng.integers(1 << 20, 1 << 22, (len(idx_rows), b)).astype("<i4")
+    for r in range(len(idx_rows)):
+        mem[r * 8 * b:r * 8 * b + 4 * b] = bias[r].view(np.uint8)
+        mem[r * 8 * b + 4 * b:(r + 1) * 8 * b] = mult[r].view(np.uint8)
+    p = Program().setps(IN_BASE=in_base, IN_ROW=wi, IN_CG=hi * wi, OUT_BASE=out_base,
+                        OUT_ROW=wo, OUT_CG=ho * wo, HO=ho, WO=wo, KH=k, KW=k, STRIDE=s,
+                        W_PTR=w_base, Q_PTR=0, SHIFT=30)
+    for idx in idx_rows:
+        p.conv(idx, relu=False)
+    p.halt()
+    return mem, p.words, x, ws, bias, mult, out_base
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_conv_matches_direct_formula(seed):
+    rng = np.random.default_rng(seed)
+    tile = REF
+    ho, wo, k, s, cin_g = 3, 5, 3, int(rng.choice([1, 2])), 3
+    rows = [[0, 2], [], [1]]
+    mem, prog, x, ws, bias, mult, out_base = _conv_setup(tile, rng, ho, wo, k, s, cin_g, rows)
+    res = TileModel(tile).run(prog, mem)
+    assert res.ok, res.error
+    b = tile.block
+    out = res.dmem.view(np.int8).reshape(-1, b)
+    for r, idx in enumerate(rows):
+        acc = np.zeros((ho, wo, b), np.int64)
+        for j, cg in enumerate(idx):
+            for kh in range(k):
+                for kw in range(k):
+                    a = x[cg, kh:kh + (ho - 1) * s + 1:s, kw:kw + (wo - 1) * s + 1:s]
+                    acc += a.astype(np.int64) @ ws[r][j, kh, kw].astype(np.int64).T
+        want = requantize(acc, bias[r], mult[r], 30, False)
+        got = out[out_base + r * ho * wo:out_base + (r + 1) * ho * wo].reshape(ho, wo, b)
+        assert np.array_equal(got, want), f"seed {seed} block row {r}"
+
+
+def test_cycles_fall_with_nonzero_blocks():
+    rng = np.random.default_rng(3)
+    dense = _conv_setup(REF, rng, 8, 16, 3, 1, 8, [list(range(8))] * 2)
+    sparse = _conv_setup(REF, rng, 8, 16, 3, 1, 8, [[0, 5]] * 2)
+    cd = TileModel(REF).run(dense[1], dense[0]).cycles
+    cs = TileModel(REF).run(sparse[1], sparse[0]).cycles
+    assert 3.5 < cd / cs < 4.0, (cd, cs)
+
+
+def test_mac_cycles_are_counted():
+    rng = np.random.default_rng(4)
+    mem, prog, *_ = _conv_setup(REF, rng, 2, 8, 3, 1, 4, [[0, 1, 2, 3]])
+    res = TileModel(REF).run(prog, mem)
+    assert res.mac_cycles == 4 * 9 * 2 * 2          # blocks x taps x groups(2 rows x 2)
+    assert res.cycles > res.mac_cycles
+
+
+def test_missing_fence_is_a_hazard():
+    # op 2 reads channel group 1 = words 200.., which op 1 writes; op 1's writeback of 8 groups
+    # is still running when op 2 starts issuing.
+    mem = np.zeros(TINY.dmem_bytes, np.uint8)
+    base = Program().setps(IN_BASE=100, IN_CG=100, OUT_BASE=200, OUT_CG=100, HO=1, WO=16)
+    with pytest.raises(HazardError, match="set FENCE"):
+        TileModel(TINY).run(base.words
+                            + Program().maxpool(0).maxpool(1).halt().words, mem)
+    res = TileModel(TINY).run(base.words + Program().maxpool(0).maxpool(1, fence=True)
+                              .halt().words, mem)
+    assert res.ok
+
+
+def test_in_place_op_is_a_hazard():
+    mem = np.zeros(TINY.dmem_bytes, np.uint8)
+    p = Program().setps(IN_BASE=100, OUT_BASE=100, HO=1, WO=2, Q_PTR=0).maxpool(0).halt()
+    with pytest.raises(HazardError, match="in-place"):
+        TileModel(TINY).run(p.words, mem)
+
+
+def test_errors_report_code_and_pc():
+    mem = np.zeros(TINY.dmem_bytes, np.uint8)
+    res = TileModel(TINY).run(Program().nop().nop().raw(0x55).words, mem)
+    assert (res.error, res.error_pc, res.cycles) == (ErrorCode.ILLEGAL_OPCODE, 2, 6)
+
+
+@pytest.mark.parametrize("op", OP_KINDS)
+@pytest.mark.parametrize("tile", [REF, TINY], ids=["aie2", "tiny"])
+def test_random_programs_run_clean(op, tile):
+    for seed in range(5):
+        c = random_case(tile, seed, op, 0.5)
+        res = TileModel(tile).run(c.program, c.dmem)
+        assert res.ok, f"{c.name}: {res.error}"
