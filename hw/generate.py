@@ -1,0 +1,216 @@
+"""RTL generation: an overlay configuration in, Verilog and a manifest out.
+
+:func:`generate` converts each distinct hardware module of an overlay once (today: the compute
+tile, ``tw_tile``; every tile of the array is an instance of it) with
+:func:`amaranth.back.verilog.convert`, and writes ``manifest.json`` describing what was
+generated: the configuration, the modules with their parameters, the tile's ports and the
+memory map. The manifest is what downstream tools (the Verilator harness build, the CLI,
+benchmarks) read instead of re-deriving numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from amaranth.back import verilog
+from amaranth.lib import wiring
+
+from .config import OverlayConfig, TileConfig
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "TILE_MODULE",
+    "expected_tile_ports",
+    "generate",
+    "verilog_ports",
+]
+
+#: Verilog module name of the compute tile.
+TILE_MODULE = "tw_tile"
+#: Bumped whenever the manifest layout changes incompatibly.
+MANIFEST_VERSION = 1
+
+TileFactory = Callable[[TileConfig], wiring.Component]
+
+
+def expected_tile_ports(tile: TileConfig) -> dict[str, tuple[str, int]]:
+    """The port contract of ``tw_tile``: name -> (direction, width).
+
+    The Verilator harness (``sim/harness/tile_harness.sv``) connects exactly these ports.
+    ``clk`` and ``rst`` are added by Amaranth.
+    """
+    return {
+        "clk": ("in", 1),
+        "rst": ("in", 1),
+        "start": ("in", 1),
+        "busy": ("out", 1),
+        "done": ("out", 1),
+        "error": ("out", 1),
+        "error_code": ("out", 8),
+        "error_pc": ("out", tile.pc_bits),
+        "cycles": ("out", 32),
+        "pm_we": ("in", 1),
+        "pm_addr": ("in", tile.pc_bits),
+        "pm_wdata": ("in", 64),
+        "dm_we": ("in", 1),
+        "dm_re": ("in", 1),
+        "dm_addr": ("in", tile.addr_bits),
+        "dm_wdata": ("in", tile.word_bits),
+        "dm_rdata": ("out", tile.word_bits),
+    }
+
+
+_PORT_RE = re.compile(r"^\s*(input|output|inout)\s+(?:wire\s+|reg\s+)?(?:\[(\d+):(\d+)\]\s+)?"
+                      r"(\\?[\w$]+)\s*;", re.MULTILINE)
+
+
+def verilog_ports(text: str, module: str) -> dict[str, tuple[str, int]]:
+    """The ports of ``module`` in Verilog ``text`` as written by Yosys: name -> (dir, width).
+
+    Raises
+    ------
+    ValueError
+        If ``module`` is not defined in ``text``.
+    """
+    m = re.search(rf"^module\s+\\?{re.escape(module)}\s*\(([^)]*)\)\s*;", text, re.MULTILINE)
+    if m is None:
+        raise ValueError(f"module '{module}' is not defined in the generated Verilog")
+    end = text.find("\nendmodule", m.end())
+    body = text[m.end():end if end >= 0 else len(text)]
+    decl: dict[str, tuple[str, int]] = {}
+    for d, hi, lo, name in _PORT_RE.findall(body):
+        width = abs(int(hi) - int(lo)) + 1 if hi else 1
+        decl[name.lstrip("\\")] = ({"input": "in", "output": "out"}.get(d, d), width)
+    order = [n.strip().lstrip("\\") for n in m.group(1).split(",") if n.strip()]
+    return {n: decl[n] for n in order if n in decl}
+
+
+def _check_ports(got: dict[str, tuple[str, int]], tile: TileConfig, who: str) -> None:
+    want = expected_tile_ports(tile)
+    problems = []
+    for name, (d, w) in want.items():
+        if name not in got:
+            problems.append(f"missing port '{name}' ({d}, {w} bits)")
+        elif got[name] != (d, w):
+            problems.append(f"port '{name}' is {got[name][0]} {got[name][1]} bits, "
+                            f"expected {d} {w} bits")
+    for name in got.keys() - want.keys():
+        problems.append(f"unexpected port '{name}'")
+    if problems:
+        raise ValueError(f"{who} does not match the tile port contract "
+                         f"(tilewright.hw.generate.expected_tile_ports): " + "; ".join(problems))
+
+
+def _default_tile_factory() -> TileFactory:
+    from .tile import ComputeTile  # imported late: the RTL is the heavy part of the package
+
+    return ComputeTile
+
+
+def _factory_name(factory: TileFactory) -> str:
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', factory)}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def generate(cfg: OverlayConfig, outdir: str | os.PathLike[str], *,
+             tile_factory: TileFactory | None = None) -> dict[str, Any]:
+    """Generate the overlay's Verilog and manifest into ``outdir``.
+
+    Parameters
+    ----------
+    cfg : OverlayConfig
+        The overlay configuration.
+    outdir : path-like
+        Output directory; created if missing. Existing files of the same names are replaced.
+    tile_factory : callable, optional
+        Builds the tile component from a :class:`TileConfig`; default
+        :class:`tilewright.hw.tile.ComputeTile`. Tests pass a stand-in with the same ports.
+
+    Returns
+    -------
+    dict
+        The manifest, as also written to ``outdir/manifest.json``. Keys: ``manifest_version``,
+        ``config`` (name, digest, source, clock_mhz, array), ``top``, ``modules`` (one entry
+        per distinct module: name, file, generator, instances, parameters, bytes, generate_s),
+        ``ports`` (list of {name, dir, width} of ``tw_tile``), ``memory_map``,
+        ``macs_per_cycle``, ``acc_depth``, ``clock_mhz``, ``peak_gmac_per_s``, ``files``.
+
+    Raises
+    ------
+    TypeError
+        If ``cfg`` is not an :class:`OverlayConfig`.
+    ValueError
+        If the generated tile's ports do not match :func:`expected_tile_ports`.
+    """
+    if not isinstance(cfg, OverlayConfig):
+        raise TypeError(f"cfg must be an OverlayConfig (see tilewright.hw.config.load_config), "
+                        f"not {cfg!r}")
+    factory = tile_factory if tile_factory is not None else _default_tile_factory()
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.tile
+
+    # One distinct module: every tile of the array is an instance of tw_tile.
+    t0 = time.perf_counter()
+    component = factory(t)
+    text = verilog.convert(component, name=TILE_MODULE, emit_src=False)
+    gen_s = time.perf_counter() - t0
+    ports = verilog_ports(text, TILE_MODULE)
+    _check_ports(ports, t, f"the Verilog of {_factory_name(factory)}")
+    vfile = f"{TILE_MODULE}.v"
+    _write_text(out / vfile, text)
+
+    n_tiles = cfg.array.rows * cfg.array.cols
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "config": {
+            "name": cfg.name,
+            "digest": cfg.digest(),
+            "source": cfg.source,
+            "clock_mhz": cfg.clock_mhz,
+            "array": asdict(cfg.array),
+        },
+        "top": TILE_MODULE,
+        "modules": [{
+            "name": TILE_MODULE,
+            "file": vfile,
+            "generator": _factory_name(factory),
+            "instances": n_tiles,
+            "parameters": asdict(t),
+            "bytes": len(text.encode()),
+            "generate_s": round(gen_s, 3),
+        }],
+        "ports": [{"name": n, "dir": d, "width": w} for n, (d, w) in ports.items()],
+        "memory_map": {
+            "dmem_bytes": t.dmem_bytes,
+            "dmem_words": t.dmem_words,
+            "dmem_banks": t.dmem_banks,
+            "bank_depth": t.bank_depth,
+            "word_bytes": t.word_bytes,
+            "word_bits": t.word_bits,
+            "addr_bits": t.addr_bits,
+            "qrec_words": t.qrec_words,
+            "pmem_words": t.pmem_words,
+            "instr_bits": 64,
+            "pc_bits": t.pc_bits,
+        },
+        "macs_per_cycle": t.macs_per_cycle,
+        "acc_depth": t.acc_depth,
+        "clock_mhz": cfg.clock_mhz,
+        "peak_gmac_per_s": t.macs_per_cycle * n_tiles * cfg.clock_mhz / 1000.0,
+        "files": [vfile, "manifest.json"],
+    }
+    _write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
