@@ -1,0 +1,237 @@
+"""The ``tilewright`` command line.
+
+Each subcommand is one function decorated with :func:`command`, which registers its name,
+help text and argument setup in :data:`COMMANDS`; :func:`main` builds the parser from that
+registry. Adding a subcommand::
+
+    def _bench_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help=CONFIG_HELP)
+
+    @command("bench", "run the benchmark suite", _bench_args)
+    def cmd_bench(args: argparse.Namespace) -> int:
+        cfg = load_config_arg(args.config)
+        ...
+        return 0
+
+A :class:`~tilewright.hw.config.ConfigError` raised by any command is printed as
+``error: <message>`` and the exit status is 2 (as argparse does for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tilewright.hw.config import ConfigError, OverlayConfig, load_config
+
+__all__ = ["COMMANDS", "CONFIG_HELP", "Command", "command", "config_dir", "load_config_arg",
+           "main"]
+
+CONFIG_HELP = ("overlay configuration: a YAML file, or the name of one in overlay_configs/ "
+               "(e.g. aie2-1x1)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``configure`` adds its arguments, ``run`` returns the exit status."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: The registered subcommands, in the order they are listed by ``--help``.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str,
+            configure: Callable[[argparse.ArgumentParser], None] | None = None
+            ) -> Callable[[Callable[[argparse.Namespace], int]],
+                          Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as subcommand ``name``."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} is already registered")
+        COMMANDS[name] = Command(name, help, configure or (lambda p: None), run)
+        return run
+    return register
+
+
+def config_dir() -> Path:
+    """The shipped ``overlay_configs/`` directory (of the source checkout)."""
+    return Path(__file__).resolve().parent.parent / "overlay_configs"
+
+
+def load_config_arg(arg: str) -> OverlayConfig:
+    """Load a configuration given as a path or as the name of a shipped one.
+
+    Raises
+    ------
+    ConfigError
+        If ``arg`` is neither an existing file nor a shipped configuration name (the message
+        lists the shipped names), or the file is invalid.
+    """
+    p = Path(arg)
+    if p.is_file():
+        return load_config(p)
+    shipped = config_dir() / f"{arg}.yaml"
+    if p.suffix not in (".yaml", ".yml") and shipped.is_file():
+        return load_config(shipped)
+    names = sorted(q.stem for q in config_dir().glob("*.yaml"))
+    raise ConfigError(f"{arg}: no such configuration file; shipped configurations: "
+                      f"{', '.join(names) if names else '(none found)'}")
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1 << 20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+# generate -------------------------------------------------------------------------------------
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
+                   help="output directory (created if missing)")
+
+
+@command("generate", "generate the overlay's Verilog and manifest.json", _generate_args)
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tilewright.hw.generate import generate
+
+    cfg = load_config_arg(args.config)
+    t0 = time.perf_counter()
+    manifest = generate(cfg, args.output)
+    dt = time.perf_counter() - t0
+    print(f"{cfg.name} ({cfg.source}, digest {cfg.digest()}): "
+          f"{manifest['macs_per_cycle']} MAC/cycle x {manifest['modules'][0]['instances']} "
+          f"tile(s) at {cfg.clock_mhz:g} MHz")
+    for name in manifest["files"]:
+        f = args.output / name
+        print(f"  wrote {f}  ({_human_bytes(f.stat().st_size)})")
+    print(f"done in {dt:.1f} s")
+    return 0
+
+
+# bench ----------------------------------------------------------------------------------------
+
+BENCH_TARGETS = ("tile",)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", choices=BENCH_TARGETS,
+                   help="tile: ResNet50 layer1.0.conv2 (3x3 64->64) on one tile, dense and "
+                        "block-sparse, in Verilator")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.75],
+                   metavar="S", help="block sparsities to run, 0 included (default: 0 0.5 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, input and masks")
+    p.add_argument("--no-rtl", action="store_true",
+                   help="golden model only (no Verilator): cycles from the cycle model")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _print_bench(r: dict) -> None:
+    w = r["window"]
+    print(f"{r['layer']} on {r['config']} ({r['macs_per_cycle']} MAC/cycle), window "
+          f"{w['rows']}x{w['cols']}x{w['out_channels']}")
+    for s, c in r["cycles"].items():
+        extra = ""
+        if s != "0":
+            key = f"speedup_{round(float(s) * 100)}"
+            extra = f"  speed-up {r[key]:.3f} (target >= {r[key + '_target']:.3f})"
+        print(f"  sparsity {float(s):4.2f}: {r['nnz_blocks'][s]:4d} blocks, {c:8d} cycles{extra}")
+    print(f"  dense MAC utilisation {r['mac_utilization']:.2%}")
+    if "sim_cycles_per_s" in r:
+        print(f"  Verilator: {r['sim_cycles_per_s']:,} cycles/s, build "
+              f"{r['verilator_build_s']} s{' (cached)' if r['verilator_build_cached'] else ''}"
+              f", RTL cycles == golden model: {r['cycle_model_exact']}")
+    print(f"  bit-exact against the PyTorch integer reference: {r['bit_exact']}")
+
+
+@command("bench", "run a benchmark and print its figures", _bench_args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tilewright.sim.bench import bench_tile
+
+    cfg = load_config_arg(args.config)
+    r = bench_tile(cfg, sparsities=args.sparsity, seed=args.seed, rtl=not args.no_rtl,
+                   progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(r))
+    else:
+        _print_bench(r)
+    return 0 if r["bit_exact"] else 1
+
+
+# demo -----------------------------------------------------------------------------------------
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="aie2-1x1",
+                   help=CONFIG_HELP + " (default: aie2-1x1)")
+    p.add_argument("-o", "--output", type=Path, default=Path("build/demo"), metavar="DIR",
+                   help="where the generated RTL goes (default: build/demo)")
+
+
+@command("demo", "generate a tile and co-simulate a block-sparse ResNet50 conv on it",
+         _demo_args)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tilewright.hw.generate import generate
+    from tilewright.sim.bench import bench_tile
+
+    cfg = load_config_arg(args.config)
+    out = args.output / cfg.name
+    print(f"[1/2] generating the {cfg.name} tile RTL into {out} ...", flush=True)
+    t0 = time.perf_counter()
+    m = generate(cfg, out)
+    print(f"      {', '.join(m['files'])} in {time.perf_counter() - t0:.1f} s", flush=True)
+    print("[2/2] co-simulating ResNet50 layer1.0.conv2 in Verilator, dense and 50 % "
+          "block-sparse ...", flush=True)
+    r = bench_tile(cfg, sparsities=(0.0, 0.5),
+                   progress=lambda msg: print(f"      {msg}", flush=True))
+    _print_bench(r)
+    return 0 if r["bit_exact"] else 1
+
+
+# main -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="tilewright",
+        description="Hardware/software co-design for weight-block-sparse DNN inference on "
+                    "AIE-like FPGA overlays.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for c in COMMANDS.values():
+        sp = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.configure(sp)
+        sp.set_defaults(_run=c.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage or configuration error)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # no command: show what there is
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
