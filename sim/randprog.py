@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilewright.hw.config import TileConfig
+from tilewright.hw.isa import ErrorCode, Instr, Opcode, Param
 from tilewright.sw.asm import Program
 
 __all__ = ["OP_KINDS", "RandomCase", "random_case"]
@@ -125,3 +126,24 @@ def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> 
     return RandomCase(name, p.words, mem, op, sparsity, seed)
 
 
+
+
+def illegal_programs() -> list[tuple[str, list[int], ErrorCode, int]]:
+    """Malformed programs: (name, words, the error the tile must stop with, its pc)."""
+    return [
+        ("zero word", Program().nop().raw(0).words, ErrorCode.ILLEGAL_OPCODE, 1),
+        ("undefined opcode", Program().raw(0x7F).words, ErrorCode.ILLEGAL_OPCODE, 0),
+        ("unknown parameter", Program().raw(Instr(Opcode.SETP.value, 40, 0, 1).encode()).words,
+         ErrorCode.BAD_PARAM, 0),
+        ("stride 3", Program().setp(Param.STRIDE, 3).halt().words, ErrorCode.BAD_VALUE, 0),
+        ("misaligned W_PTR", Program().nop().setp(Param.W_PTR, 3).halt().words,
+         ErrorCode.BAD_VALUE, 1),
+        ("negative HO", Program().setp(Param.HO, -1).halt().words, ErrorCode.BAD_VALUE, 0),
+        ("junk in HALT", Program().raw(Instr(Opcode.HALT.value, 0, 1).encode()).words,
+         ErrorCode.MALFORMED, 0),
+        ("unknown flag", Program().raw(Instr(Opcode.CONV.value, 0x80).encode()).halt().words,
+         ErrorCode.MALFORMED, 0),
+        ("index words past the end",
+         Program().nop().raw(Instr(Opcode.CONV.value, 0, 65535).encode()).words,
+         ErrorCode.PC_OVERFLOW, 1),
+    ]

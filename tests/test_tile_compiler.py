@@ -20,10 +20,10 @@ from torch import nn
 from tilewright.hw.config import TileConfig, load_config
 from tilewright.hw.isa import ErrorCode, Instr, Opcode, Param, decode_index_word, index_words
 from tilewright.sim.golden import TileModel
+from tilewright.sim.layercases import CONV_CASES, SPARSITIES, make_conv, rand_i8
 from tilewright.sw.quantize import (
     act_scale,
     block_mask,
-    fixed_point,
     quantize_act,
     quantize_add,
     quantize_avgpool,
@@ -48,30 +48,9 @@ from tilewright.sw.tile_compiler import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {name: load_config(ROOT / "overlay_configs" / f"{name}.yaml").tile
            for name in ("aie2-1x1", "tiny-1x1")}
-SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 
 
 # Helpers ----------------------------------------------------------------------------------
-
-def _rand_i8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.integers(-128, 128, shape, dtype=np.int8)
-
-
-def make_conv(rng: np.random.Generator, cin: int, cout: int, kernel: tuple[int, int],
-              stride: int, padding: tuple[int, int], relu: bool, sparsity: float, block: int,
-              name: str = "conv") -> ConvLayer:
-    """A random integer conv whose outputs spread over the int8 range (few saturate)."""
-    kh, kw = kernel
-    w = _rand_i8(rng, (cout, cin, kh, kw))
-    mask = random_block_mask(-(-cout // block), -(-cin // block), sparsity, rng)
-    keep = np.kron(mask, np.ones((block, block), dtype=bool))[:cout, :cin]
-    w = np.where(keep[:, :, None, None], w, 0).astype(np.int8)
-    std = 74.0 * 74.0 * np.sqrt(cin * kh * kw)          # of a sum of uniform int8 products
-    m = 40.0 / std * rng.uniform(0.5, 1.5, cout)
-    mult, shift = fixed_point(m)
-    bias = rng.integers(-int(std), int(std) + 1, cout)
-    return ConvLayer(w, bias, mult, shift, stride, padding, relu, name=name)
-
 
 def run_golden(jobs: list[TileJob], tile: TileConfig, what: str) -> list[np.ndarray]:
     model = TileModel(tile)
@@ -141,7 +120,7 @@ def test_conv_layout(cfg: str) -> None:
     rng = np.random.default_rng(seed)
     cin, cout = 3 * b - 1, 2 * b + 3
     layer = make_conv(rng, cin, cout, (3, 2), 1, (1, 1), True, 0.5, b)
-    x = _rand_i8(rng, (cin, 5, 6))
+    x = rand_i8(rng, (cin, 5, 6))
     job = compile_layer(layer, x, tile)
     d = decode(job.program)
     p = d.params
@@ -205,7 +184,7 @@ def test_maxpool_layout_pads_with_minus_128(cfg: str) -> None:
     tile = CONFIGS[cfg]
     b = tile.block
     rng = np.random.default_rng(5)
-    x = _rand_i8(rng, (b + 1, 4, 4))
+    x = rand_i8(rng, (b + 1, 4, 4))
     job = compile_layer(PoolLayer("max", 3, 2, 1), x, tile)
     p = decode(job.program).params
     words = job.dmem.view(np.int8).reshape(-1, b)
@@ -225,7 +204,7 @@ def test_read_output_and_channel_offset() -> None:
     tile = CONFIGS["tiny-1x1"]
     b = tile.block
     rng = np.random.default_rng(2)
-    x = _rand_i8(rng, (2 * b, 3, 5))
+    x = rand_i8(rng, (2 * b, 3, 5))
     job = compile_layer(PoolLayer("max", 1, 1, 0), x, tile, out_cg_offset=3, out_planes=6)
     o = job.outputs
     assert (o.cg_offset, o.planes, o.groups, o.channels) == (3, 6, 2, 2 * b)
@@ -281,16 +260,6 @@ def test_errors_name_the_layer() -> None:
 
 # End to end through the golden model ------------------------------------------------------
 
-CONV_CASES = {
-    # name: (cin, cout, kernel, stride, padding, relu, H, W)
-    "bottleneck-1x1": (32, 16, (1, 1), 1, (0, 0), True, 7, 7),
-    "conv3x3-s2": (16, 24, (3, 3), 2, (1, 1), True, 9, 9),
-    "inception-1x7": (16, 20, (1, 7), 1, (0, 3), True, 8, 8),
-    "inception-7x1": (20, 16, (7, 1), 1, (3, 0), False, 8, 8),
-    "vgg-3x3": (32, 32, (3, 3), 1, (1, 1), True, 12, 12),
-}
-
-
 @pytest.mark.parametrize("cfg", sorted(CONFIGS))
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
@@ -300,7 +269,7 @@ def test_conv_bit_exact(cfg: str, sparsity: float, case: str) -> None:
     rng = np.random.default_rng(seed)
     cin, cout, k, s, pad, relu, h, w = CONV_CASES[case]
     layer = make_conv(rng, cin, cout, k, s, pad, relu, sparsity, tile.block, case)
-    x = _rand_i8(rng, (cin, h, w))
+    x = rand_i8(rng, (cin, h, w))
     check_layer(layer, x, tile, f"{case} on {cfg} at sparsity {sparsity}, seed {seed}")
 
 
@@ -312,7 +281,7 @@ def test_resnet50_stem_windows(cfg: str, sparsity: float) -> None:
     seed = 200
     rng = np.random.default_rng(seed)
     layer = make_conv(rng, 3, 16, (7, 7), 2, (3, 3), True, sparsity, tile.block, "stem")
-    x = _rand_i8(rng, (3, 224, 224))
+    x = rand_i8(rng, (3, 224, 224))
     want = reference_output(layer, x)
     assert want.shape == (16, 112, 112)
     groups = 16 // tile.block
@@ -335,7 +304,7 @@ def test_fc_bit_exact(cfg: str, sparsity: float) -> None:
     conv = make_conv(rng, 256, 20, (1, 1), 1, (0, 0), False, sparsity, tile.block)
     layer = ConvLayer(conv.weight[:, :, 0, 0], conv.bias, conv.mult, conv.shift, name="fc")
     assert layer.is_linear
-    x = _rand_i8(rng, (256,))
+    x = rand_i8(rng, (256,))
     jobs = check_layer(layer, x, tile, f"fc 256->20 on {cfg} at sparsity {sparsity}, "
                                        f"seed {seed}")
     assert sum(j.nnz_blocks for j in jobs) == int(block_mask(layer.weight, tile.block).sum())
@@ -363,16 +332,16 @@ def test_pools_bit_exact(cfg: str) -> None:
     tile = CONFIGS[cfg]
     seed = 500
     rng = np.random.default_rng(seed)
-    x = _rand_i8(rng, (16, 11, 11))
+    x = rand_i8(rng, (16, 11, 11))
     x[3] = -90                                            # max over padding must not win
     check_layer(PoolLayer("max", 3, 2, 1, name="maxpool"), x, tile,
                 f"maxpool 3x3/2 pad 1 on {cfg}, seed {seed}")
     qp = quantize_avgpool(3, 0.05, 0.04)
-    x = _rand_i8(rng, (12, 6, 6))
+    x = rand_i8(rng, (12, 6, 6))
     check_layer(PoolLayer("avg", 3, 1, 1, qp.mult, qp.shift, "avgpool"), x, tile,
                 f"avgpool 3x3/1 pad 1 on {cfg}, seed {seed}")
     qp = quantize_avgpool(7, 0.05, 0.01)
-    x = _rand_i8(rng, (16, 7, 7))
+    x = rand_i8(rng, (16, 7, 7))
     mult = rng.integers(qp.mult // 2, qp.mult, 16)         # per-channel multipliers
     check_layer(PoolLayer("avg", 7, 1, 0, mult, qp.shift, "gap"), x, tile,
                 f"global avgpool 7x7 on {cfg}, seed {seed}")
@@ -385,7 +354,7 @@ def test_residual_add_bit_exact(cfg: str, relu: bool) -> None:
     seed = 600
     rng = np.random.default_rng(seed)
     qa = quantize_add(0.03, 0.05, 0.06, relu)
-    a, b = _rand_i8(rng, (20, 6, 7)), _rand_i8(rng, (20, 6, 7))
+    a, b = rand_i8(rng, (20, 6, 7)), rand_i8(rng, (20, 6, 7))
     jobs = check_layer(AddLayer.from_quant(qa, "add"), a, tile,
                        f"residual add relu={relu} on {cfg}, seed {seed}", x_b=b)
     p = decode(jobs[0].program).params
@@ -404,7 +373,7 @@ def test_tiled_layer_bit_exact(cfg: str) -> None:
     rng = np.random.default_rng(seed)
     cin = 64 if cfg == "tiny-1x1" else 128
     layer = make_conv(rng, cin, 64, (3, 3), 1, (1, 1), True, 0.0, tile.block, "big")
-    x = _rand_i8(rng, (cin, 14, 14))
+    x = rand_i8(rng, (cin, 14, 14))
     jobs = check_layer(layer, x, tile, f"tiled 3x3 {cin}->64 on {cfg}, seed {seed}")
     assert len(jobs) > 1
     assert all(footprint(layer, x.shape, tile, j.window)["total"] <= tile.dmem_bytes
@@ -426,7 +395,7 @@ def test_concat_offset_bit_exact(cfg: str) -> None:
     seed = 800
     rng = np.random.default_rng(seed)
     b = tile.block
-    x = _rand_i8(rng, (8, 6, 6))
+    x = rand_i8(rng, (8, 6, 6))
     br1 = make_conv(rng, 8, 2 * b, (1, 1), 1, (0, 0), True, 0.0, b, "branch1")
     br2 = make_conv(rng, 8, b, (3, 3), 1, (1, 1), True, 0.0, b, "branch2")
     for layer, off in ((br1, 0), (br2, 2)):
@@ -449,7 +418,7 @@ def test_wide_layer_splits_columns(cfg: str) -> None:
     rng = np.random.default_rng(seed)
     cin, width = (32, 200) if cfg == "tiny-1x1" else (64, 400)
     layer = make_conv(rng, cin, 32, (3, 3), 1, (1, 1), False, 0.0, tile.block, "wide")
-    x = _rand_i8(rng, (cin, 5, width))
+    x = rand_i8(rng, (cin, 5, width))
     assert largest_window(layer, tile, x.shape) == 0
     wins = plan_tiles(layer, x.shape, tile)
     assert any(w.cols < width for w in wins)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tilewright.hw.config import load_config
-from tilewright.hw.isa import ErrorCode, Instr, Opcode, Param
+from tilewright.hw.isa import ErrorCode
 from tilewright.sim.golden import TileModel
 from tilewright.sim.pysim import run_pysim
-from tilewright.sim.randprog import random_case
+from tilewright.sim.randprog import illegal_programs, random_case
 from tilewright.sw.asm import Program
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,21 +34,11 @@ def test_rtl_matches_golden(op, sparsity, seed):
     assert not got.error
 
 
-@pytest.mark.parametrize("name, program, code, pc", [
-    ("zero word", Program().nop().raw(0), ErrorCode.ILLEGAL_OPCODE, 1),
-    ("bad param", Program().raw(Instr(Opcode.SETP.value, 40, 0, 1).encode()),
-     ErrorCode.BAD_PARAM, 0),
-    ("bad stride", Program().setp(Param.STRIDE, 3).halt(), ErrorCode.BAD_VALUE, 0),
-    ("misaligned W_PTR", Program().nop().setp(Param.W_PTR, 3).halt(), ErrorCode.BAD_VALUE, 1),
-    ("junk in HALT", Program().raw(Instr(Opcode.HALT.value, 0, 1).encode()),
-     ErrorCode.MALFORMED, 0),
-    ("index words past the end", Program().nop().raw(Instr(Opcode.CONV.value, 0, 65535).encode()),
-     ErrorCode.PC_OVERFLOW, 1),
-])
-def test_illegal_programs_stop_with_a_code(name, program, code, pc):
+@pytest.mark.parametrize("name, words, code, pc", illegal_programs())
+def test_illegal_programs_stop_with_a_code(name, words, code, pc):
     mem = np.zeros(TINY.dmem_bytes, np.uint8)
-    want = TileModel(TINY).run(program.words, mem)
-    got = run_pysim(TINY, program.words, mem, max_cycles=1000)
+    want = TileModel(TINY).run(words, mem)
+    got = run_pysim(TINY, words, mem, max_cycles=1000)
     assert (want.error, want.error_pc) == (code, pc), name
     assert got.error and (ErrorCode(got.error_code), got.error_pc) == (code, pc), name
     assert got.cycles == want.cycles, name
