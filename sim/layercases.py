@@ -29,13 +29,17 @@ __all__ = ["CONV_CASES", "SPARSITIES", "LayerCase", "make_conv", "network_cases"
 
 SPARSITIES = (0.0, 0.5, 0.9, 1.0)
 
-#: name: (network, cin, cout, kernel, stride, padding, relu, H, W)
+#: name: (cin, cout, kernel, stride, padding, relu, H, W)
 CONV_CASES = {
     "resnet50-bottleneck-1x1": (32, 16, (1, 1), 1, (0, 0), True, 7, 7),
     "resnet50-bottleneck-3x3s2": (16, 24, (3, 3), 2, (1, 1), True, 9, 9),
     "inceptionv3-1x7": (16, 20, (1, 7), 1, (0, 3), True, 8, 8),
     "inceptionv3-7x1": (20, 16, (7, 1), 1, (3, 0), False, 8, 8),
     "vgg16-3x3": (32, 32, (3, 3), 1, (1, 1), True, 12, 12),
+    "resnet50-downsample-1x1s2": (16, 32, (1, 1), 2, (0, 0), False, 8, 8),
+    "inceptionv3-5x5": (16, 16, (5, 5), 1, (2, 2), True, 7, 7),
+    "inceptionv3-1x3": (24, 16, (1, 3), 1, (0, 1), True, 6, 6),
+    "inceptionv3-3x1": (24, 16, (3, 1), 1, (1, 0), True, 6, 6),
 }
 
 
@@ -110,6 +114,15 @@ def network_cases(tile: TileConfig, seed: int = 0,
     qp = quantize_avgpool(7, 0.05, 0.01)
     cases.append(_case("resnet50-global-avgpool", PoolLayer("avg", 7, 1, 0, qp.mult, qp.shift),
                        rand_i8(rng, (16, 7, 7)), tile))
+    # an Inception concat: two branches written side by side into one output region
+    x = rand_i8(rng, (16, 6, 6))
+    br = [make_conv(rng, 16, 8, (1, 1), 1, (0, 0), True, 0.5, b, f"inceptionv3-branch{i}")
+          for i in range(2)]
+    want = np.concatenate([reference_output(layer, x) for layer in br])
+    jobs = [compile_layer(layer, x, tile, out_cg_offset=i * (8 // b), out_planes=16 // b)
+            for i, layer in enumerate(br)]
+    cases.append(LayerCase("inceptionv3-concat", jobs,
+                           [want[i * 8:(i + 1) * 8] for i in range(2)]))
     qa = quantize_add(0.03, 0.05, 0.06, True)
     cases.append(_case("resnet50-residual-add", AddLayer.from_quant(qa, "add"),
                        rand_i8(rng, (20, 6, 7)), tile, x_b=rand_i8(rng, (20, 6, 7))))

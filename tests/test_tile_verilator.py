@@ -2,8 +2,9 @@
 
 * seeded random programs of every op (CONV at 0/50/90/100 % block sparsity, both pools, ADD):
   RTL == golden model, whole data memory and cycle count;
-* layers of ResNet50, InceptionV3 and VGG16 compiled for the tile (stem 7x7/2, 1x1, 3x3/2,
-  1x7, 7x1, VGG 3x3, FC, max/avg/global-avg pools, residual add) at 0/50/90/100 %:
+* layers of ResNet50, InceptionV3 and VGG16 compiled for the tile (stem 7x7/2, 1x1, 1x1/2,
+  3x3/2, 5x5, 1x7, 7x1, 1x3, 3x1, VGG 3x3, FC, max/avg/global-avg pools, residual add, an
+  Inception concat written at a channel offset) at 0/50/90/100 % block sparsity:
   RTL == golden model == PyTorch integer reference, bit for bit;
 * illegal programs stop the RTL with the golden model's error code, pc and cycle count.
 
@@ -72,7 +73,7 @@ def test_network_layers_bit_exact(config):
                                f"first at (c, y, x) = {tuple(bad[0])}")
         assert np.array_equal(r.dmem, g.dmem), f"{what}: {_first_diff(r.dmem, g.dmem, t.block)}"
         assert r.cycles == g.cycles, f"{what}: RTL {r.cycles} cycles, golden {g.cycles}"
-    assert len(cases) == 4 * 7 + 4
+    assert len(cases) == 4 * 11 + 5
 
 
 @pytest.mark.parametrize("config", CONFIGS)
