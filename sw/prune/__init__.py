@@ -1,0 +1,1 @@
+"""Pruning and sparse training to hardware-friendly patterns (block, N:M, unstructured)."""
