@@ -82,23 +82,32 @@ def bench_tile(cfg: OverlayConfig, *, sparsities: Sequence[float] = (0.0, 0.5, 0
     rng = np.random.default_rng(seed)
     gout, gin = -(-conv.out_channels // b), -(-conv.in_channels // b)
 
-    layers: dict[float, ConvLayer] = {}
-    for s in sparsities:
-        mask = random_block_mask(gout, gin, s, rng) if s > 0 else None
-        q = quantize_conv(conv, s_in, s_out, relu=True, mask=mask)
-        layers[s] = ConvLayer.from_quant(q, name=f"{LAYER}@{s:g}")
-    rows = largest_window(layers[0.0], tile, tuple(xq.shape))
+    dense = ConvLayer.from_quant(quantize_conv(conv, s_in, s_out, relu=True),
+                                 name=f"{LAYER}@0")
+    rows = largest_window(dense, tile, tuple(xq.shape))
     if rows > 0:
         win = Window(0, rows, 0, int(xq.shape[2]), 0, gout)
         what = f"{rows} rows x 56 cols x {conv.out_channels} channels"
     else:
         # a small tile cannot hold all 64 output channels' weights: take the first window
         # of the compiler's own tiling plan instead
-        win = plan_tiles(layers[0.0], tuple(xq.shape), tile)[0]
-        rows = win.rows
+        win = plan_tiles(dense, tuple(xq.shape), tile)[0]
         what = f"{win.rows} rows x {win.cols} cols x {win.groups * b} channels"
     _say(progress, f"{LAYER}: 3x3 64->64 on 56x56; window {what} (the largest that fits "
                    f"{tile.dmem_bytes // 1024} KiB)")
+    layers: dict[float, ConvLayer] = {0.0: dense}
+    for s in sparsities:
+        if s > 0:
+            # exact sparsity both inside the window's block rows and in the whole layer
+            mask = np.ones((gout, gin), dtype=bool)
+            inside = slice(win.g0, win.g1)
+            mask[inside] = random_block_mask(win.groups, gin, s, rng)
+            rest = np.ones(gout, dtype=bool)
+            rest[inside] = False
+            if rest.any():
+                mask[rest] = random_block_mask(int(rest.sum()), gin, s, rng)
+            q = quantize_conv(conv, s_in, s_out, relu=True, mask=mask)
+            layers[s] = ConvLayer.from_quant(q, name=f"{LAYER}@{s:g}")
     jobs: dict[float, TileJob] = {s: compile_layer(layers[s], xq, tile, window=win)
                                   for s in sparsities}
     refs = {s: reference_output(layers[s], xq)[win.g0 * b:win.g1 * b, win.r0:win.r1,
