@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["requantize", "round_shift", "wrap32"]
+__all__ = ["INT32_MAX", "INT32_MIN", "requantize", "round_shift", "wrap32"]
+
+INT32_MIN = -(1 << 31)
+INT32_MAX = (1 << 31) - 1
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:

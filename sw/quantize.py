@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tilewright.sw.numerics import INT32_MAX, INT32_MIN
+
 __all__ = [
     "QuantAdd",
     "QuantConv",
@@ -36,7 +38,6 @@ __all__ = [
     "random_block_mask",
 ]
 
-_INT32_MAX = (1 << 31) - 1
 #: Fractional bits of the ADD operand multipliers (int16, so at most 2**14 for headroom).
 ADD_MUL_BITS = 14
 
@@ -121,12 +122,12 @@ def fixed_point(m: np.ndarray | float, what: str = "multiplier") -> tuple[np.nda
         raise ValueError(f"{what}: real multipliers must be finite and non-negative, "
                          f"not {m!r}")
     top = float(m.max()) if m.size else 0.0
-    if _round_half_away(top) > _INT32_MAX:
+    if _round_half_away(top) > INT32_MAX:
         raise ValueError(f"{what}: real multiplier {top!r} does not fit an int32 even at "
                          f"shift 0; accepted: below 2**31")
     shift = 0
     for s in range(62, -1, -1):
-        if _round_half_away(top * 2.0**s) <= _INT32_MAX:
+        if _round_half_away(top * 2.0**s) <= INT32_MAX:
             shift = s
             break
     mult = _round_half_away(m * 2.0**shift).astype(np.int64)
@@ -135,8 +136,27 @@ def fixed_point(m: np.ndarray | float, what: str = "multiplier") -> tuple[np.nda
 
 # Layers -------------------------------------------------------------------------------------
 
+class ConvShape:
+    """Kernel and channel counts of a layer with an int8 ``weight`` ``(Cout, Cin, KH, KW)``."""
+
+    weight: np.ndarray
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        """``(KH, KW)``."""
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def cin(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def cout(self) -> int:
+        return int(self.weight.shape[0])
+
+
 @dataclass
-class QuantConv:
+class QuantConv(ConvShape):
     """Integer parameters of a convolution (or of a linear layer as a 1x1 convolution).
 
     Attributes
@@ -177,19 +197,6 @@ class QuantConv:
     s_in: float = 1.0
     s_out: float = 1.0
     s_w: np.ndarray | None = None
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        """``(KH, KW)``."""
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
-
-    @property
-    def cin(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def cout(self) -> int:
-        return int(self.weight.shape[0])
 
 
 @dataclass
@@ -321,7 +328,7 @@ def quantize_conv(conv: nn.Conv2d | nn.Linear, s_in: float, s_out: float, relu: 
         s_w = np.full(cout, s_out / s_in)
     wq = np.clip(_round_half_away(w / s_w[:, None, None, None]), -127, 127).astype(np.int8)
     acc_scale = s_in * s_w
-    bias = np.clip(_round_half_away(bias_f / acc_scale), -(1 << 31), _INT32_MAX).astype(np.int32)
+    bias = np.clip(_round_half_away(bias_f / acc_scale), INT32_MIN, INT32_MAX).astype(np.int32)
     mult, shift = fixed_point(acc_scale / s_out, what)
     return QuantConv(weight=wq, bias=bias, mult=mult, shift=shift, stride=stride,
                      padding=padding, relu=bool(relu), is_linear=is_linear, mask=mask,

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tilewright.sw.numerics import INT32_MAX, INT32_MIN
+
 __all__ = [
     "add_int",
     "avgpool_int",
@@ -31,8 +33,6 @@ __all__ = [
     "requantize_t",
 ]
 
-_INT32_MIN = -(1 << 31)
-_INT32_MAX = (1 << 31) - 1
 
 IntPair = int | Sequence[int]
 
@@ -57,7 +57,7 @@ def _int8(x: torch.Tensor | np.ndarray, name: str, ndim: int) -> torch.Tensor:
 
 
 def _per_channel(v: torch.Tensor | np.ndarray | int | Sequence[int], name: str, channels: int,
-                 lo: int = _INT32_MIN, hi: int = _INT32_MAX) -> torch.Tensor:
+                 lo: int = INT32_MIN, hi: int = INT32_MAX) -> torch.Tensor:
     """``v`` as an int64 vector of ``channels`` values (a scalar is broadcast)."""
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         t = torch.full((channels,), int(v), dtype=torch.int64)
@@ -224,6 +224,19 @@ def linear_int(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | np.ndarray
     return requantize_t(acc, bias, mult, shift, relu)
 
 
+def _pool_geometry(x: torch.Tensor, kernel: IntPair, stride: IntPair | None,
+                   padding: IntPair, what: str
+                   ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Checked int8 input and ``(kernel, stride, padding)`` pairs of a pooling op."""
+    x = _int8(x, "x", 3)
+    k = _pair(kernel, "kernel", 1)
+    st = _pair(kernel if stride is None else stride, "stride", 1)
+    pd = _pair(padding, "padding", 0)
+    _out_size(x.shape[1], k[0], st[0], pd[0], f"{what} rows")
+    _out_size(x.shape[2], k[1], st[1], pd[1], f"{what} cols")
+    return x, k, st, pd
+
+
 def maxpool_int(x: torch.Tensor, kernel: IntPair, stride: IntPair | None = None,
                 padding: IntPair = 0) -> torch.Tensor:
     """Integer max pooling; the padding value is -128 (the int8 minus infinity).
@@ -247,12 +260,7 @@ def maxpool_int(x: torch.Tensor, kernel: IntPair, stride: IntPair | None = None,
     torch.Tensor
         int8 ``(C, Ho, Wo)``.
     """
-    x = _int8(x, "x", 3)
-    k = _pair(kernel, "kernel", 1)
-    st = _pair(kernel if stride is None else stride, "stride", 1)
-    pd = _pair(padding, "padding", 0)
-    _out_size(x.shape[1], k[0], st[0], pd[0], "maxpool_int rows")
-    _out_size(x.shape[2], k[1], st[1], pd[1], "maxpool_int cols")
+    x, k, st, pd = _pool_geometry(x, kernel, stride, padding, "maxpool_int")
     xp = F.pad(x.to(torch.float64), (pd[1], pd[1], pd[0], pd[0]), value=-128.0)
     y = F.max_pool2d(xp[None], k, st)[0]
     return y.to(torch.int8)
@@ -283,12 +291,7 @@ def avgpool_int(x: torch.Tensor, kernel: IntPair, stride: IntPair | None = None,
     torch.Tensor
         int8 ``(C, Ho, Wo)``.
     """
-    x = _int8(x, "x", 3)
-    k = _pair(kernel, "kernel", 1)
-    st = _pair(kernel if stride is None else stride, "stride", 1)
-    pd = _pair(padding, "padding", 0)
-    _out_size(x.shape[1], k[0], st[0], pd[0], "avgpool_int rows")
-    _out_size(x.shape[2], k[1], st[1], pd[1], "avgpool_int cols")
+    x, k, st, pd = _pool_geometry(x, kernel, stride, padding, "avgpool_int")
     xp = F.pad(x.to(torch.float64), (pd[1], pd[1], pd[0], pd[0]), value=0.0)
     acc = F.avg_pool2d(xp[None], k, st, divisor_override=1)[0]
     return requantize_t(acc.to(torch.int64), 0, mult, shift, False)

@@ -39,7 +39,8 @@ from tilewright.hw.config import TileConfig
 from tilewright.hw.isa import INDEX_PER_WORD, Param, param_range
 from tilewright.sw import reference as ref
 from tilewright.sw.asm import Program
-from tilewright.sw.quantize import QuantAdd, QuantConv, QuantPool, block_mask
+from tilewright.sw.numerics import INT32_MAX, INT32_MIN
+from tilewright.sw.quantize import ConvShape, QuantAdd, QuantConv, QuantPool, block_mask
 
 __all__ = [
     "AddLayer",
@@ -59,8 +60,6 @@ __all__ = [
     "reference_output",
 ]
 
-_INT32_MIN = -(1 << 31)
-_INT32_MAX = (1 << 31) - 1
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -106,7 +105,7 @@ def _int_vector(v: int | np.ndarray | Sequence[int], what: str, n: int) -> np.nd
         a = np.full(n, int(a), dtype=np.int64)
     if a.shape != (n,):
         raise ValueError(f"{what} must be a scalar or have shape ({n},), not {a.shape}")
-    if a.size and (a.min() < _INT32_MIN or a.max() > _INT32_MAX):
+    if a.size and (a.min() < INT32_MIN or a.max() > INT32_MAX):
         raise ValueError(f"{what} must fit int32, not {a.min()}..{a.max()}")
     return a
 
@@ -114,7 +113,7 @@ def _int_vector(v: int | np.ndarray | Sequence[int], what: str, n: int) -> np.nd
 # Layer descriptions -------------------------------------------------------------------------
 
 @dataclass
-class ConvLayer:
+class ConvLayer(ConvShape):
     """A quantised convolution (or linear layer) in integer parameters.
 
     Attributes
@@ -169,18 +168,6 @@ class ConvLayer:
         """The integer layer of a :class:`~tilewright.sw.quantize.QuantConv`."""
         return cls(weight=q.weight, bias=q.bias, mult=q.mult, shift=q.shift, stride=q.stride,
                    padding=q.padding, relu=q.relu, is_linear=q.is_linear, name=name)
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
-
-    @property
-    def cin(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def cout(self) -> int:
-        return int(self.weight.shape[0])
 
 
 @dataclass
