@@ -64,6 +64,12 @@ def expected_tile_ports(tile: TileConfig) -> dict[str, tuple[str, int]]:
         "dm_addr": ("in", tile.addr_bits),
         "dm_wdata": ("in", tile.word_bits),
         "dm_rdata": ("out", tile.word_bits),
+        "dm_ready": ("out", 1),
+        "lk_req": ("out", 1),
+        "lk_op": ("out", 1),
+        "lk_id": ("out", 6),
+        "lk_val": ("out", 6),
+        "lk_gnt": ("in", 1),
     }
 
 

@@ -7,9 +7,10 @@ model (:mod:`tilewright.sim.golden`) and the generated encoding table in ``docs/
 Every instruction is one 64-bit word::
 
     [7:0]   opcode   Opcode
-    [15:8]  a        SETP: parameter id (Param);  ops: flags (Flag)
-    [31:16] b        CONV: number of non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group
-    [63:32] imm      SETP: signed 32-bit value; otherwise 0
+    [15:8]  a        SETP: parameter id (Param); ops and NOP: flags (Flag); ACQ/REL: lock id
+    [31:16] b        CONV: number of non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group;
+                     LOOP: iteration count
+    [63:32] imm      SETP: signed 32-bit value; ACQ/REL: lock value; otherwise 0
 
 A CONV word is followed by ``ceil(nnz / 4)`` index words, each holding four 16-bit input
 channel-group indices (the block-column indices of the block row), little-end first.
@@ -49,6 +50,10 @@ class Opcode(enum.Enum, shape=8):
     HALT = 0x01
     NOP = 0x02
     SETP = 0x03
+    ACQ = 0x04
+    REL = 0x05
+    LOOP = 0x06
+    ENDLOOP = 0x07
     CONV = 0x10
     MAXPOOL = 0x11
     AVGPOOL = 0x12
@@ -96,6 +101,7 @@ class ErrorCode(enum.Enum, shape=8):
     BAD_VALUE = 3
     PC_OVERFLOW = 4
     MALFORMED = 5
+    LOOP_NESTING = 6
 
 
 INSTR_LAYOUT = data.StructLayout({
@@ -106,6 +112,11 @@ INSTR_LAYOUT = data.StructLayout({
 })
 
 INDEX_PER_WORD = 4
+#: Locks a tile addresses (ACQ/REL ``a`` field) and the largest value one instruction moves.
+N_LOCKS = 64
+MAX_LOCK_VALUE = 63
+#: Nesting depth of LOOP ... ENDLOOP.
+LOOP_DEPTH = 2
 INDEX_LAYOUT = data.ArrayLayout(16, INDEX_PER_WORD)
 
 #: Ops executed by the MAC engine (each produces one output channel group).
@@ -237,14 +248,22 @@ def check_static(ins: Instr) -> ErrorCode:
     op = ins.op
     if op is None or op is Opcode.ILLEGAL:
         return ErrorCode.ILLEGAL_OPCODE
-    if op in (Opcode.HALT, Opcode.NOP):
+    if op in (Opcode.HALT, Opcode.ENDLOOP):
         return ErrorCode.MALFORMED if (ins.a or ins.b or ins.imm) else ErrorCode.NONE
+    if op is Opcode.NOP:
+        return (ErrorCode.MALFORMED if (ins.a & ~Flag.FENCE.value or ins.b or ins.imm)
+                else ErrorCode.NONE)
     if op is Opcode.SETP:
         if ins.b:
             return ErrorCode.MALFORMED
         if ins.a not in {p.value for p in Param}:
             return ErrorCode.BAD_PARAM
         return ErrorCode.NONE
+    if op in (Opcode.ACQ, Opcode.REL):
+        bad = ins.b or ins.a >= N_LOCKS or not 1 <= ins.imm <= MAX_LOCK_VALUE
+        return ErrorCode.MALFORMED if bad else ErrorCode.NONE
+    if op is Opcode.LOOP:
+        return ErrorCode.MALFORMED if (ins.a or ins.imm or ins.b == 0) else ErrorCode.NONE
     # engine ops
     if ins.imm or ins.a & ~FLAG_MASK:
         return ErrorCode.MALFORMED
@@ -258,17 +277,24 @@ def encoding_table() -> str:
         hi = f.offset + f.width - 1
         meaning = {
             "opcode": "Opcode",
-            "a": "SETP: Param id; ops: Flag bits",
-            "b": "CONV: non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group; else 0",
-            "imm": "SETP: signed value; else 0",
+            "a": "SETP: Param id; ops, NOP: Flag bits; ACQ/REL: lock id",
+            "b": "CONV: non-zero blocks; MAXPOOL/AVGPOOL/ADD: channel group; LOOP: count; "
+                 "else 0",
+            "imm": "SETP: signed value; ACQ/REL: lock value; else 0",
         }[name]
         lines.append(f"| [{hi}:{f.offset}] | {name} | {meaning} |")
     lines += ["", "| opcode | value | format |", "|---|---|---|"]
     fmt = {
         Opcode.ILLEGAL: "never valid (zeroed memory stops the tile)",
         Opcode.HALT: "a=b=imm=0; waits for every writeback, then done",
-        Opcode.NOP: "a=b=imm=0",
+        Opcode.NOP: "a=0 or FENCE (wait for every writeback), b=imm=0",
         Opcode.SETP: "a=Param, b=0, imm=value (checked against the parameter's range)",
+        Opcode.ACQ: f"a=lock 0..{N_LOCKS - 1}, imm=v 1..{MAX_LOCK_VALUE}: wait until "
+                    f"lock >= v, then lock -= v",
+        Opcode.REL: f"a=lock 0..{N_LOCKS - 1}, imm=v 1..{MAX_LOCK_VALUE}: lock += v",
+        Opcode.LOOP: f"b=count >= 1: run the words up to the matching ENDLOOP count times "
+                     f"(nesting {LOOP_DEPTH})",
+        Opcode.ENDLOOP: "a=b=imm=0",
         Opcode.CONV: "a=flags, b=nnz, then ceil(nnz/4) index words",
         Opcode.MAXPOOL: "a=flags, b=input channel group",
         Opcode.AVGPOOL: "a=flags, b=input channel group",

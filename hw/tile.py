@@ -19,6 +19,9 @@ from .isa import (
     FLAG_MASK,
     INDEX_PER_WORD,
     INSTR_LAYOUT,
+    LOOP_DEPTH,
+    MAX_LOCK_VALUE,
+    N_LOCKS,
     ErrorCode,
     Flag,
     Opcode,
@@ -54,9 +57,13 @@ class ComputeTile(wiring.Component):
         Cycles of the last (or current) run.
     pm_we, pm_addr, pm_wdata :
         Program memory write port.
-    dm_we, dm_re, dm_addr, dm_wdata, dm_rdata :
-        Data memory word port for datamovers and hosts (``dm_rdata`` is valid the cycle after
-        ``dm_re``); accesses are honoured only while the tile is not busy.
+    dm_we, dm_re, dm_addr, dm_wdata, dm_rdata, dm_ready :
+        Data memory word port for datamovers and hosts. An access is performed in a cycle
+        where ``dm_ready`` is high (``dm_rdata`` is valid the cycle after a performed read);
+        the engine has priority: writes wait while the writeback unit writes, reads while
+        the engine reads a weight line or requantisation record. Idle tiles are always ready.
+    lk_req, lk_op, lk_id, lk_val, lk_gnt :
+        Lock port (ACQ: ``lk_op`` = 0, REL: 1): the request is held until ``lk_gnt``.
     """
 
     def __init__(self, tile: TileConfig) -> None:
@@ -79,6 +86,12 @@ class ComputeTile(wiring.Component):
             "dm_addr": In(tile.addr_bits),
             "dm_wdata": In(tile.word_bits),
             "dm_rdata": Out(tile.word_bits),
+            "dm_ready": Out(1),
+            "lk_req": Out(1),
+            "lk_op": Out(1),
+            "lk_id": Out(6),
+            "lk_val": Out(6),
+            "lk_gnt": In(1),
         })
 
     def elaborate(self, platform):
@@ -97,7 +110,7 @@ class ComputeTile(wiring.Component):
         pm_rd = pmem.read_port()
         pm_wr = pmem.write_port()
         m.d.comb += [pm_wr.addr.eq(self.pm_addr), pm_wr.data.eq(self.pm_wdata),
-                     pm_wr.en.eq(self.pm_we & ~self.busy)]
+                     pm_wr.en.eq(self.pm_we)]
 
         rdA, rdB, wrC = [], [], []
         for k in range(NB):
@@ -134,6 +147,9 @@ class ComputeTile(wiring.Component):
         is_nop = ins.opcode == Opcode.NOP
         is_setp = ins.opcode == Opcode.SETP
         is_conv = ins.opcode == Opcode.CONV
+        is_lock = (ins.opcode == Opcode.ACQ) | (ins.opcode == Opcode.REL)
+        is_loop = ins.opcode == Opcode.LOOP
+        is_endloop = ins.opcode == Opcode.ENDLOOP
         is_eng = (is_conv | (ins.opcode == Opcode.MAXPOOL) | (ins.opcode == Opcode.AVGPOOL)
                   | (ins.opcode == Opcode.ADD))
         known_param = ins.a <= max(p.value for p in Param)
@@ -148,19 +164,36 @@ class ComputeTile(wiring.Component):
                     if r.align > 1:
                         cond = cond | (ins.imm[:ceil_log2(r.align)] != 0)
                     m.d.comb += bad_value.eq(cond)
+        # hardware loop stack
+        loop_sp = Signal(range(LOOP_DEPTH + 1))
+        loop_start = [Signal(PCW, name=f"loop_start{i}") for i in range(LOOP_DEPTH)]
+        loop_cnt = [Signal(16, name=f"loop_cnt{i}") for i in range(LOOP_DEPTH)]
+        top_start = Array(loop_start)[loop_sp - 1]
+        top_cnt = Array(loop_cnt)[loop_sp - 1]
+
         err = Signal(ErrorCode)
-        with m.If(~(is_halt | is_nop | is_setp | is_eng)):
+        with m.If(~(is_halt | is_nop | is_setp | is_eng | is_lock | is_loop | is_endloop)):
             m.d.comb += err.eq(ErrorCode.ILLEGAL_OPCODE)
-        with m.Elif((is_halt | is_nop) & ((ins.a != 0) | (ins.b != 0) | (ins.imm != 0))):
+        with m.Elif((is_halt | is_endloop) & ((ins.a != 0) | (ins.b != 0) | (ins.imm != 0))):
+            m.d.comb += err.eq(ErrorCode.MALFORMED)
+        with m.Elif(is_nop & (((ins.a & (0xFF & ~Flag.FENCE.value)) != 0) | (ins.b != 0)
+                              | (ins.imm != 0))):
             m.d.comb += err.eq(ErrorCode.MALFORMED)
         with m.Elif(is_setp & (ins.b != 0)):
             m.d.comb += err.eq(ErrorCode.MALFORMED)
         with m.Elif(is_setp & ~known_param):
             m.d.comb += err.eq(ErrorCode.BAD_PARAM)
+        with m.Elif(is_lock & ((ins.b != 0) | (ins.a >= N_LOCKS) | (imm < 1)
+                               | (imm > MAX_LOCK_VALUE))):
+            m.d.comb += err.eq(ErrorCode.MALFORMED)
+        with m.Elif(is_loop & ((ins.a != 0) | (ins.imm != 0) | (ins.b == 0))):
+            m.d.comb += err.eq(ErrorCode.MALFORMED)
         with m.Elif(is_eng & ((ins.imm != 0) | ((ins.a & (0xFF & ~FLAG_MASK)) != 0))):
             m.d.comb += err.eq(ErrorCode.MALFORMED)
         with m.Elif(~is_halt & (next_pc >= t.pmem_words)):
             m.d.comb += err.eq(ErrorCode.PC_OVERFLOW)
+        with m.Elif((is_loop & (loop_sp == LOOP_DEPTH)) | (is_endloop & (loop_sp == 0))):
+            m.d.comb += err.eq(ErrorCode.LOOP_NESTING)
         with m.Elif(is_setp & bad_value):
             m.d.comb += err.eq(ErrorCode.BAD_VALUE)
 
@@ -267,6 +300,7 @@ class ComputeTile(wiring.Component):
 
         # ---- FSM ------------------------------------------------------------------------------
         eng_idle = in_use == 0
+        eng_b = Signal()        # the engine reads port B this cycle
         with m.FSM():
             with m.State("IDLE"):
                 m.d.comb += pm_seq_addr.eq(0)
@@ -274,6 +308,7 @@ class ComputeTile(wiring.Component):
                     m.d.sync += [pc.eq(0), busy.eq(1), self.done.eq(0), self.error.eq(0),
                                  self.error_code.eq(ErrorCode.NONE), self.cycles.eq(0)]
                     m.d.sync += [prm[p].eq(prm[p].init) for p in Param]
+                    m.d.sync += loop_sp.eq(0)
                     m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.comb += pm_seq_addr.eq(pc)
@@ -294,8 +329,31 @@ class ComputeTile(wiring.Component):
                                 m.d.sync += prm[p].eq(imm)
                     m.d.sync += pc.eq(pc + 1)
                     m.next = "FETCH"
-                with m.Elif(is_nop):
+                with m.Elif(is_nop & (~(ins.a & Flag.FENCE.value).any() | eng_idle)):
                     m.d.sync += pc.eq(pc + 1)
+                    m.next = "FETCH"
+                with m.Elif(is_nop):
+                    pass                                   # NOP .fence: wait for writebacks
+                with m.Elif(is_lock):
+                    m.d.comb += [self.lk_req.eq(1), self.lk_op.eq(ins.opcode == Opcode.REL),
+                                 self.lk_id.eq(ins.a), self.lk_val.eq(ins.imm)]
+                    with m.If(self.lk_gnt):
+                        m.d.sync += pc.eq(pc + 1)
+                        m.next = "FETCH"
+                with m.Elif(is_loop):
+                    for i in range(LOOP_DEPTH):
+                        with m.If(loop_sp == i):
+                            m.d.sync += [loop_start[i].eq(pc + 1), loop_cnt[i].eq(ins.b)]
+                    m.d.sync += [loop_sp.eq(loop_sp + 1), pc.eq(pc + 1)]
+                    m.next = "FETCH"
+                with m.Elif(is_endloop):
+                    with m.If(top_cnt == 1):
+                        m.d.sync += [loop_sp.eq(loop_sp - 1), pc.eq(pc + 1)]
+                    with m.Else():
+                        for i in range(LOOP_DEPTH):
+                            with m.If(loop_sp == i + 1):
+                                m.d.sync += loop_cnt[i].eq(loop_cnt[i] - 1)
+                        m.d.sync += pc.eq(top_start)
                     m.next = "FETCH"
                 with m.Elif(~(ins.a & Flag.FENCE.value).any() | eng_idle):
                     with m.Switch(ins.opcode):
@@ -309,6 +367,7 @@ class ComputeTile(wiring.Component):
                                  idx_base.eq(pc + 1), pc.eq(next_pc)]
                     m.next = "EQ"
             with m.State("EQ"):
+                m.d.comb += eng_b.eq(1)
                 # read the requantisation record; set up the first chunk
                 m.d.comb += [portB_addr.eq(prm[Param.Q_PTR]), pm_seq_addr.eq(idx_base)]
                 tot = (prm[Param.HO] * wg)[:NG_BITS]
@@ -344,6 +403,7 @@ class ComputeTile(wiring.Component):
                                     desc[i].relu.eq(relu), desc[i].zero.eq(zero_op),
                                     desc[i].q.eq(q_now),
                                 ]
+                    m.d.comb += eng_b.eq((kind == KIND_CONV) & (g == 0))
                     # stage-1 control
                     m.d.sync += [
                         s1_valid.eq(~zero_op), s1_buf.eq(buf), s1_g.eq(g),
@@ -521,14 +581,16 @@ class ComputeTile(wiring.Component):
                     m.d.comb += [wrC[k].addr.eq(wb_addr[p][BB:]), wrC[k].data.eq(out_words[p]),
                                  wrC[k].en.eq(1)]
 
-        # ---- external data memory port (only while idle) ----------------------------------
+        # ---- external data memory port (datamovers): the engine has priority ---------------
         ext_off = Signal(BB)
-        with m.If(~busy):
+        dm_go = Mux(self.dm_we, ~wb_go, ~eng_b)
+        m.d.comb += self.dm_ready.eq(dm_go)
+        with m.If(self.dm_re & ~self.dm_we & dm_go):
             m.d.comb += portB_addr.eq(self.dm_addr)
             m.d.sync += ext_off.eq(self.dm_addr[:BB])
-            for k in range(NB):
-                with m.If(self.dm_we & (self.dm_addr[:BB] == k)):
-                    m.d.comb += [wrC[k].addr.eq(self.dm_addr[BB:]),
-                                 wrC[k].data.eq(self.dm_wdata), wrC[k].en.eq(1)]
+        for k in range(NB):
+            with m.If(self.dm_we & dm_go & (self.dm_addr[:BB] == k)):
+                m.d.comb += [wrC[k].addr.eq(self.dm_addr[BB:]),
+                             wrC[k].data.eq(self.dm_wdata), wrC[k].en.eq(1)]
         m.d.comb += self.dm_rdata.eq(b_words[ext_off])
         return m

@@ -15,6 +15,8 @@ import numpy as np
 
 from tilewright.hw.config import TileConfig
 from tilewright.hw.isa import (
+    LOOP_DEPTH,
+    N_LOCKS,
     ErrorCode,
     Flag,
     Instr,
@@ -27,12 +29,16 @@ from tilewright.hw.isa import (
 )
 from tilewright.sw.numerics import requantize
 
-__all__ = ["HazardError", "RunResult", "TileModel", "op_steps", "reset_params"]
+__all__ = ["DeadlockError", "HazardError", "RunResult", "TileModel", "op_steps", "reset_params"]
 
 
 class HazardError(RuntimeError):
     """A program reads memory that an earlier op's writeback may not have written yet
     (it needs the FENCE flag), or an op's output overlaps its own input."""
+
+
+class DeadlockError(RuntimeError):
+    """An ACQ can never be granted (in a single-tile run nothing else releases locks)."""
 
 
 def reset_params() -> dict[Param, int]:
@@ -72,6 +78,7 @@ class RunResult:
     instructions: int = 0
     mac_cycles: int = 0
     ops: list[OpTrace] = field(default_factory=list)
+    locks: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -98,8 +105,19 @@ class TileModel:
 
     # ------------------------------------------------------------------------------------
     def run(self, program: list[int], dmem: np.ndarray, *,
+            locks: list[int] | None = None,
             max_instructions: int = 10_000_000) -> RunResult:
+        """Run ``program`` on a copy of ``dmem``.
+
+        ``locks`` are the initial lock values (default all 0); ACQ is granted at once when the
+        lock holds enough, REL adds; each costs FETCH + DECODE, like the RTL with the single-
+        tile harness's combinational lock unit. The final values are in ``RunResult.locks``.
+        """
         t = self.tile
+        lock = [0] * N_LOCKS if locks is None else [int(v) for v in locks]
+        if len(lock) != N_LOCKS:
+            raise ValueError(f"locks must hold {N_LOCKS} values, not {len(lock)}")
+        loops: list[list[int]] = []          # [start pc, remaining count]
         pm = [0] * t.pmem_words
         if len(program) > t.pmem_words:
             raise ValueError(f"program has {len(program)} words; program memory holds "
@@ -129,6 +147,9 @@ class TileModel:
             nidx = index_words(ins.b) if op is Opcode.CONV else 0
             if err is ErrorCode.NONE and op is not Opcode.HALT and pc + 1 + nidx >= t.pmem_words:
                 err = ErrorCode.PC_OVERFLOW
+            if err is ErrorCode.NONE and ((op is Opcode.LOOP and len(loops) == LOOP_DEPTH)
+                                          or (op is Opcode.ENDLOOP and not loops)):
+                err = ErrorCode.LOOP_NESTING
             if err is ErrorCode.NONE and op is Opcode.SETP:
                 prm = Param(ins.a)
                 if not param_range(prm, t).accepts(ins.imm):
@@ -143,7 +164,36 @@ class TileModel:
             if op in (Opcode.SETP, Opcode.NOP):
                 if op is Opcode.SETP:
                     params[Param(ins.a)] = ins.imm
+                elif ins.a & Flag.FENCE.value:
+                    decode = max(decode, d_hist[-1] + 1)
+                    pending = []
                 pc += 1
+                now = decode + 1
+                continue
+            if op in (Opcode.ACQ, Opcode.REL):
+                if op is Opcode.ACQ:
+                    if lock[ins.a] < ins.imm:
+                        raise DeadlockError(f"ACQ of lock {ins.a} for {ins.imm} at pc {pc} "
+                                            f"waits forever: the lock holds {lock[ins.a]} and "
+                                            f"nothing else releases it in a single-tile run")
+                    lock[ins.a] -= ins.imm
+                else:
+                    lock[ins.a] = min(lock[ins.a] + ins.imm, 63)
+                pc += 1
+                now = decode + 1
+                continue
+            if op is Opcode.LOOP:
+                loops.append([pc + 1, ins.b])
+                pc += 1
+                now = decode + 1
+                continue
+            if op is Opcode.ENDLOOP:
+                if loops[-1][1] == 1:
+                    loops.pop()
+                    pc += 1
+                else:
+                    loops[-1][1] -= 1
+                    pc = loops[-1][0]
                 now = decode + 1
                 continue
             # engine op ------------------------------------------------------------------
@@ -194,6 +244,7 @@ class TileModel:
             pc += 1 + nidx
             now = e + 1
         res.instructions = ninstr
+        res.locks = lock
         return res
 
     # ------------------------------------------------------------------------------------

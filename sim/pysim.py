@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal
 from amaranth.sim import Simulator
 
 from tilewright.hw.config import TileConfig
+from tilewright.hw.isa import N_LOCKS
 from tilewright.hw.tile import ComputeTile
 
 __all__ = ["PysimResult", "run_pysim"]
@@ -23,17 +25,47 @@ class PysimResult:
     error: bool
     error_code: int
     error_pc: int
+    locks: list[int]
+
+
+class TileWithLocks(Elaboratable):
+    """A tile and the single-tile lock unit: ``N_LOCKS`` 6-bit semaphores granting in the
+    cycle of the request (ACQ when the value suffices, REL always, saturating at 63)."""
+
+    def __init__(self, tile: TileConfig) -> None:
+        self.tile = ComputeTile(tile)
+        self.values = Array(Signal(6, name=f"lock{i}") for i in range(N_LOCKS))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.tile = t = self.tile
+        v = self.values[t.lk_id]
+        ok = t.lk_op | (v >= t.lk_val)
+        m.d.comb += t.lk_gnt.eq(t.lk_req & ok)
+        total = Signal(7)
+        m.d.comb += total.eq(v + t.lk_val)
+        with m.If(t.lk_req & ok):
+            with m.If(t.lk_op):
+                m.d.sync += v.eq(Mux(total > 63, 63, total))
+            with m.Else():
+                m.d.sync += v.eq(v - t.lk_val)
+        return m
 
 
 def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
-              max_cycles: int = 200_000) -> PysimResult:
-    """Load ``program`` and ``dmem`` through the tile's ports, run to ``done``, read back."""
-    dut = ComputeTile(tile)
+              locks: list[int] | None = None, max_cycles: int = 200_000) -> PysimResult:
+    """Load ``program`` and ``dmem`` through the tile's ports, run to ``done``, read back.
+
+    ``locks`` are the initial lock values (default 0), as for the golden model."""
+    top = TileWithLocks(tile)
+    dut = top.tile
     words = np.asarray(dmem, dtype=np.uint8).reshape(tile.dmem_words, tile.block)
     wvals = [int.from_bytes(w.tobytes(), "little") for w in words]
     out: dict = {}
 
     async def bench(ctx):
+        for i, v in enumerate(locks or []):
+            ctx.set(top.values[i], v)
         for a, w in enumerate(program):
             ctx.set(dut.pm_we, 1)
             ctx.set(dut.pm_addr, a)
@@ -71,8 +103,9 @@ def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
         out["error"] = ctx.get(dut.error)
         out["error_code"] = ctx.get(dut.error_code)
         out["error_pc"] = ctx.get(dut.error_pc)
+        out["locks"] = [ctx.get(top.values[i]) for i in range(N_LOCKS)]
 
-    sim = Simulator(dut)
+    sim = Simulator(top)
     sim.add_clock(1e-9)
     sim.add_testbench(bench)
     sim.run()
@@ -80,4 +113,4 @@ def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
                         dtype=np.uint8).copy()
     ec = out["error_code"]
     return PysimResult(mem, int(out["cycles"]), bool(out["error"]),
-                       int(getattr(ec, "value", ec)), int(out["error_pc"]))
+                       int(getattr(ec, "value", ec)), int(out["error_pc"]), out["locks"])

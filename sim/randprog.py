@@ -143,7 +143,35 @@ def illegal_programs() -> list[tuple[str, list[int], ErrorCode, int]]:
          ErrorCode.MALFORMED, 0),
         ("unknown flag", Program().raw(Instr(Opcode.CONV.value, 0x80).encode()).halt().words,
          ErrorCode.MALFORMED, 0),
+        ("ENDLOOP without LOOP", Program().nop().raw(Instr(Opcode.ENDLOOP.value).encode())
+         .halt().words, ErrorCode.LOOP_NESTING, 1),
+        ("three nested loops", Program().loop(2).loop(2).loop(2).nop().endloop().endloop()
+         .endloop().halt().words, ErrorCode.LOOP_NESTING, 2),
+        ("lock id 64", Program().raw(Instr(Opcode.ACQ.value, 64, 0, 1).encode()).halt().words,
+         ErrorCode.MALFORMED, 0),
+        ("LOOP of 0", Program().raw(Instr(Opcode.LOOP.value).encode()).halt().words,
+         ErrorCode.MALFORMED, 0),
         ("index words past the end",
          Program().nop().raw(Instr(Opcode.CONV.value, 0, 65535).encode()).words,
          ErrorCode.PC_OVERFLOW, 1),
     ]
+
+
+def loop_lock_case(tile: TileConfig, seed: int = 22) -> tuple[list[int], np.ndarray, list[int]]:
+    """A program of hardware loops (nested), lock releases and acquires and a fence NOP
+    around identity max pools copying channel groups: (words, dmem, initial lock values)."""
+    rng = np.random.default_rng(seed)
+    b = tile.block
+    mem = np.zeros(tile.dmem_bytes, np.uint8)
+    mem[100 * b:140 * b] = rng.integers(0, 256, 40 * b, dtype=np.uint8)
+    q = np.zeros(8 * b, np.uint8)
+    q[4 * b:] = np.ones(b, "<i4").view(np.uint8)          # bias 0, multiplier 1, shift 0
+    for r in range(8):
+        mem[r * q.size:(r + 1) * q.size] = q
+    p = Program().setps(IN_BASE=100, IN_CG=16, OUT_BASE=400, OUT_CG=16, HO=1, WO=16)
+    p.loop(3).maxpool(0).setp(Param.IN_BASE, 116).endloop()
+    p.loop(2).loop(3).release(5, 2).endloop().acquire(5, 3).endloop()
+    p.nop(fence=True).acquire(7, 4).halt()
+    locks = [0] * 64
+    locks[7] = 9
+    return p.words, mem, locks

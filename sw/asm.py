@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from tilewright.hw.isa import (
     ENGINE_OPS,
     INDEX_PER_WORD,
+    MAX_LOCK_VALUE,
+    N_LOCKS,
     Flag,
     Instr,
     Opcode,
@@ -84,8 +86,34 @@ class Program:
     def add(self, cg: int, *, relu: bool = False, fence: bool = False) -> Program:
         return self._cg_op(Opcode.ADD, cg, relu, fence)
 
-    def nop(self) -> Program:
-        return self._emit(Instr(Opcode.NOP.value))
+    def nop(self, *, fence: bool = False) -> Program:
+        """NOP; with ``fence`` it waits until every earlier writeback has reached memory."""
+        return self._emit(Instr(Opcode.NOP.value, _flags(False, fence)))
+
+    def acquire(self, lock: int, value: int = 1) -> Program:
+        """ACQ: wait until ``lock >= value``, then subtract ``value``."""
+        return self._lock(Opcode.ACQ, lock, value)
+
+    def release(self, lock: int, value: int = 1) -> Program:
+        """REL: add ``value`` to ``lock``."""
+        return self._lock(Opcode.REL, lock, value)
+
+    def _lock(self, op: Opcode, lock: int, value: int) -> Program:
+        if not 0 <= lock < N_LOCKS:
+            raise ValueError(f"lock must be 0..{N_LOCKS - 1}, not {lock!r}")
+        if not 1 <= value <= MAX_LOCK_VALUE:
+            raise ValueError(f"lock value must be 1..{MAX_LOCK_VALUE}, not {value!r}")
+        return self._emit(Instr(op.value, lock, 0, value))
+
+    def loop(self, count: int) -> Program:
+        """Start a hardware loop: the words up to the matching :meth:`endloop` run ``count``
+        times."""
+        if not 1 <= count < 1 << 16:
+            raise ValueError(f"loop count must be 1..65535, not {count!r}")
+        return self._emit(Instr(Opcode.LOOP.value, 0, count))
+
+    def endloop(self) -> Program:
+        return self._emit(Instr(Opcode.ENDLOOP.value))
 
     def halt(self) -> Program:
         return self._emit(Instr(Opcode.HALT.value))
@@ -114,6 +142,12 @@ def disassemble(words: Iterable[int]) -> list[str]:
             except ValueError:
                 name = f"?{ins.a}"
             text = f"setp {name}, {ins.imm}"
+        elif op in (Opcode.ACQ, Opcode.REL):
+            text = f"{op.name.lower()} lock={ins.a}, {ins.imm}"
+        elif op is Opcode.LOOP:
+            text = f"loop {ins.b}"
+        elif op is Opcode.NOP and ins.a:
+            text = "nop .fence"
         elif op in ENGINE_OPS:
             fl = [f.name.lower() for f in Flag if ins.a & f.value]
             arg = f"nnz={ins.b}" if op is Opcode.CONV else f"cg={ins.b}"

@@ -73,6 +73,12 @@ class StandInTile(wiring.Component):
             "dm_addr": In(tile.addr_bits),
             "dm_wdata": In(tile.word_bits),
             "dm_rdata": Out(tile.word_bits),
+            "dm_ready": Out(1),
+            "lk_req": Out(1),
+            "lk_op": Out(1),
+            "lk_id": Out(6),
+            "lk_val": Out(6),
+            "lk_gnt": In(1),
         }
 
     def elaborate(self, platform: object) -> Module:
@@ -99,6 +105,7 @@ class StandInTile(wiring.Component):
             dm_w.addr.eq(self.dm_addr), dm_w.data.eq(self.dm_wdata),
             dm_w.en.eq(self.dm_we & ~self.busy),
             self.dm_rdata.eq(dm_r.data),
+            self.dm_ready.eq(1),
             word.eq(pm_r.data),
         ]
         with m.If(self.busy):

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from amaranth.sim import Simulator
 
 from tilewright.hw.config import load_config
 from tilewright.hw.isa import ErrorCode
-from tilewright.sim.golden import TileModel
-from tilewright.sim.pysim import run_pysim
-from tilewright.sim.randprog import illegal_programs, random_case
+from tilewright.sim.golden import DeadlockError, TileModel
+from tilewright.sim.pysim import TileWithLocks, run_pysim
+from tilewright.sim.randprog import illegal_programs, loop_lock_case, random_case
 from tilewright.sw.asm import Program
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +61,88 @@ def test_fence_orders_a_dependent_op():
     assert np.array_equal(got.dmem, want.dmem) and got.cycles == want.cycles
     out = want.dmem.view(np.int8).reshape(-1, TINY.block)
     assert np.array_equal(out[300:316], mem.view(np.int8).reshape(-1, TINY.block)[100:116])
+
+
+def test_loops_locks_and_fence_nop():
+    words, mem, locks = loop_lock_case(TINY)
+    want = TileModel(TINY).run(words, mem, locks=locks)
+    got = run_pysim(TINY, words, mem, locks=locks)
+    assert want.ok and not got.error
+    assert np.array_equal(got.dmem, want.dmem) and got.cycles == want.cycles
+    assert got.locks == want.locks and (want.locks[5], want.locks[7]) == (6, 5)
+    out = want.dmem.view(np.int8).reshape(-1, TINY.block)
+    assert np.array_equal(out[400:416], mem.view(np.int8).reshape(-1, TINY.block)[100:116])
+
+
+def test_acquire_that_never_comes_is_a_deadlock():
+    mem = np.zeros(TINY.dmem_bytes, np.uint8)
+    p = Program().release(1, 1).acquire(1, 2).halt()
+    with pytest.raises(DeadlockError, match="lock 1 for 2 at pc 1 waits forever"):
+        TileModel(TINY).run(p.words, mem)
+    with pytest.raises(TimeoutError):
+        run_pysim(TINY, p.words, mem, max_cycles=200)
+
+
+def test_datamover_access_while_running():
+    """Writes through the data memory port land while the tile computes; the engine keeps
+    priority, so its results and cycle count are those of the golden model."""
+    c = random_case(TINY, 31, "conv", 0.0)
+    want = TileModel(TINY).run(c.program, c.dmem)
+    dut_top = TileWithLocks(TINY)
+    dut = dut_top.tile
+    words = np.asarray(c.dmem).reshape(TINY.dmem_words, TINY.block)
+    extra = {a: 0x5A5A0000 + a for a in range(TINY.dmem_words // 2 - 64, TINY.dmem_words // 2)}
+    seen: dict = {}
+
+    async def bench(ctx):
+        for a, w in enumerate(c.program):
+            ctx.set(dut.pm_we, 1)
+            ctx.set(dut.pm_addr, a)
+            ctx.set(dut.pm_wdata, w)
+            await ctx.tick()
+        ctx.set(dut.pm_we, 0)
+        for a, w in enumerate(words):
+            v = int.from_bytes(w.tobytes(), "little")
+            if v:
+                ctx.set(dut.dm_we, 1)
+                ctx.set(dut.dm_addr, a)
+                ctx.set(dut.dm_wdata, v)
+                await ctx.tick()
+        ctx.set(dut.dm_we, 0)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        todo = sorted(extra)
+        refused = 0
+        while not ctx.get(dut.done):
+            if todo:
+                ctx.set(dut.dm_we, 1)
+                ctx.set(dut.dm_addr, todo[0])
+                ctx.set(dut.dm_wdata, extra[todo[0]])
+                if ctx.get(dut.dm_ready):
+                    todo.pop(0)
+                else:
+                    refused += 1
+            else:
+                ctx.set(dut.dm_we, 0)
+            await ctx.tick()
+        ctx.set(dut.dm_we, 0)
+        seen["refused"], seen["cycles"], seen["left"] = refused, ctx.get(dut.cycles), len(todo)
+        for a in sorted(extra) + list(range(TINY.dmem_words - 512, TINY.dmem_words)):
+            ctx.set(dut.dm_re, 1)
+            ctx.set(dut.dm_addr, a)
+            await ctx.tick()
+            seen[a] = ctx.get(dut.dm_rdata)
+        ctx.set(dut.dm_re, 0)
+
+    sim = Simulator(dut_top)
+    sim.add_clock(1e-9)
+    sim.add_testbench(bench)
+    sim.run()
+    assert seen["cycles"] == want.cycles and seen["left"] == 0
+    assert seen["refused"] > 0, "the writeback never held the datamover back"
+    final = want.dmem.reshape(TINY.dmem_words, TINY.block)
+    for a, v in extra.items():
+        assert seen[a] == v, f"word {a}"
+    for a in range(TINY.dmem_words - 512, TINY.dmem_words):     # the program's output region
+        assert seen[a] == int.from_bytes(final[a].tobytes(), "little"), f"output word {a}"

@@ -21,8 +21,9 @@
 //   5 RESET    hold the tile's `rst` for 4 cycles (after a timeout)
 // Any other command ends at once with `bad_cmd` set.
 //
-// The tile contract: `dm_rdata` is valid the cycle after `dm_re`; external memory access only
-// while the tile is not busy; `done` stays high after HALT or an error until the next start.
+// The tile contract: `dm_rdata` is valid the cycle after `dm_re`; the harness accesses memory
+// only while the tile is not busy (then `dm_ready` is always high); `done` stays high after
+// HALT or an error until the next start.
 module tw_tile_harness #(
     parameter int PMEM_WORDS = 2048,
     parameter int PC_BITS    = 11,
@@ -76,8 +77,27 @@ module tw_tile_harness #(
         .error_pc(error_pc), .cycles(cycles),
         .pm_we(pm_we), .pm_addr(pm_addr), .pm_wdata(pm_wdata),
         .dm_we(dm_we), .dm_re(dm_re), .dm_addr(dm_addr), .dm_wdata(dm_wdata),
-        .dm_rdata(dm_rdata)
+        .dm_rdata(dm_rdata), .dm_ready(dm_ready),
+        .lk_req(lk_req), .lk_op(lk_op), .lk_id(lk_id), .lk_val(lk_val), .lk_gnt(lk_gnt)
     );
+
+    // The single-tile lock unit: 64 six-bit semaphores, all 0 when a job starts. A request is
+    // granted in its own cycle (ACQ when the value suffices, REL always, saturating at 63),
+    // as the golden model assumes.
+    logic       dm_ready;
+    logic       lk_req, lk_op, lk_gnt;
+    logic [5:0] lk_id, lk_val;
+    logic [5:0] lockv [64];
+    logic [6:0] lk_sum;
+    assign lk_gnt = lk_req & (lk_op | (lockv[lk_id] >= lk_val));
+    assign lk_sum = {1'b0, lockv[lk_id]} + {1'b0, lk_val};
+    always_ff @(posedge clk) begin
+        if (state == S_START) begin
+            for (int i = 0; i < 64; i++) lockv[i] <= 6'd0;
+        end else if (lk_gnt) begin
+            lockv[lk_id] <= lk_op ? (lk_sum > 7'd63 ? 6'd63 : lk_sum[5:0]) : lockv[lk_id] - lk_val;
+        end
+    end
 
     // Bulk images.
     logic [63:0]          pm_img [PMEM_WORDS];
