@@ -1,0 +1,188 @@
+"""A compute tile with its DMA: the unit an overlay instantiates in every array position.
+
+:class:`TileUnit` holds one :class:`~tilewright.hw.tile.ComputeTile`, a
+:class:`~tilewright.hw.locks.LockUnit` shared by the tile's core and its DMA, two S2MM and two
+MM2S :class:`~tilewright.hw.datamover.Datamover` channels (as an AIE-ML tile DMA) and a
+round-robin arbiter that puts the channels and a host port on the tile's data memory port.
+The engine keeps priority on that port (``dm_ready``), so DMA traffic never changes compute
+cycles; the channels take the remaining cycles.
+
+Ping/pong: the core and the channels meet on locks. A typical input buffer pair uses a lock
+per buffer "full" (released by the S2MM channel after filling, acquired by the core) and
+"empty" (released by the core once it no longer reads the buffer, acquired by the channel
+before it refills it); outputs mirror that with the MM2S channel.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .bd import BD_INDEX_BITS, BD_LAYOUT
+from .config import TileConfig
+from .datamover import Datamover
+from .isa import ErrorCode
+from .locks import LOCK_ID_BITS, LockUnit
+from .tile import ComputeTile
+
+__all__ = ["N_MM2S", "N_S2MM", "TileUnit"]
+
+N_S2MM = 2
+N_MM2S = 2
+#: Requesters on the data memory port: the S2MM channels, the MM2S channels, the host.
+N_REQ = N_S2MM + N_MM2S + 1
+
+
+class TileUnit(wiring.Component):
+    """Compute tile + lock unit + 2 S2MM / 2 MM2S datamover channels + memory arbiter.
+
+    Parameters
+    ----------
+    tile : TileConfig
+    n_locks : int
+        Locks of the unit's lock unit (AIE-ML tile: 16); ACQ/REL of a higher id never grant.
+    n_bds : int
+        Buffer descriptors per channel.
+
+    Members
+    -------
+    s2mm : In(stream.Signature(word_bits)).array(2)
+        Input streams, written to tile memory by S2MM channels 0 and 1.
+    mm2s : Out(stream.Signature(word_bits)).array(2)
+        Output streams, read from tile memory by MM2S channels 0 and 1.
+    bd_we, bd_ch, bd_addr, bd_wdata :
+        Write BD ``bd_addr`` of channel ``bd_ch`` (0, 1: S2MM; 2, 3: MM2S).
+    task : In(stream.Signature(ch + BD index))
+        Queue a task (payload ``{bd, ch}``) on a channel; ``ready`` is the channel's.
+    lock_wr_en, lock_wr_id, lock_wr_value :
+        Set a lock (initial values).
+    dma_busy : Out(4)
+        Per channel: a task is queued or running.
+    dma_error : Out(1)
+        A channel named a missing BD, or a lock request named a missing lock / overflowed.
+    start, busy, done, error, error_code, error_pc, cycles, pm_we, pm_addr, pm_wdata :
+        As on :class:`ComputeTile`.
+    dm_we, dm_re, dm_addr, dm_wdata, dm_rdata, dm_ready :
+        Host access to tile memory, the lowest-priority requester of the arbiter.
+    """
+
+    def __init__(self, tile: TileConfig, *, n_locks: int = 16, n_bds: int = 16) -> None:
+        if not isinstance(tile, TileConfig):
+            raise TypeError(f"tile must be a TileConfig, not {tile!r}")
+        self.tile = tile
+        self.n_locks = n_locks
+        self.n_bds = n_bds
+        wb = tile.word_bits
+        super().__init__({
+            "s2mm": In(stream.Signature(wb)).array(N_S2MM),
+            "mm2s": Out(stream.Signature(wb)).array(N_MM2S),
+            "bd_we": In(1),
+            "bd_ch": In(2),
+            "bd_addr": In(BD_INDEX_BITS),
+            "bd_wdata": In(BD_LAYOUT),
+            "task": In(stream.Signature(BD_INDEX_BITS + 2)),
+            "lock_wr_en": In(1),
+            "lock_wr_id": In(LOCK_ID_BITS),
+            "lock_wr_value": In(6),
+            "dma_busy": Out(N_S2MM + N_MM2S),
+            "dma_error": Out(1),
+            "start": In(1),
+            "busy": Out(1),
+            "done": Out(1),
+            "error": Out(1),
+            "error_code": Out(ErrorCode),
+            "error_pc": Out(tile.pc_bits),
+            "cycles": Out(32),
+            "pm_we": In(1),
+            "pm_addr": In(tile.pc_bits),
+            "pm_wdata": In(64),
+            "dm_we": In(1),
+            "dm_re": In(1),
+            "dm_addr": In(tile.addr_bits),
+            "dm_wdata": In(wb),
+            "dm_rdata": Out(wb),
+            "dm_ready": Out(1),
+        })
+
+    def elaborate(self, platform):
+        t = self.tile
+        m = Module()
+        m.submodules.core = core = ComputeTile(t)
+        m.submodules.locks = locks = LockUnit(self.n_locks, 1 + N_S2MM + N_MM2S)
+        chans: list[Datamover] = []
+        for i in range(N_S2MM + N_MM2S):
+            d = Datamover("s2mm" if i < N_S2MM else "mm2s", addr_bits=t.addr_bits,
+                          word_bits=t.word_bits, n_bds=self.n_bds, dims=3)
+            m.submodules[f"dma{i}"] = d
+            chans.append(d)
+
+        # core control and status pass through
+        for name in ("start", "pm_we", "pm_addr", "pm_wdata"):
+            m.d.comb += getattr(core, name).eq(getattr(self, name))
+        for name in ("busy", "done", "error", "error_code", "error_pc", "cycles"):
+            m.d.comb += getattr(self, name).eq(getattr(core, name))
+
+        # locks: port 0 is the core, then the channels
+        p0 = locks.ports[0]
+        m.d.comb += [p0.req.eq(core.lk_req), p0.op.eq(core.lk_op), p0.id.eq(core.lk_id),
+                     p0.val.eq(core.lk_val), core.lk_gnt.eq(p0.gnt)]
+        for i, d in enumerate(chans):
+            wiring.connect(m, d.lock, locks.ports[1 + i])
+        m.d.comb += [locks.wr_en.eq(self.lock_wr_en), locks.wr_id.eq(self.lock_wr_id),
+                     locks.wr_value.eq(self.lock_wr_value)]
+
+        # streams, BDs, tasks
+        for i in range(N_S2MM):
+            wiring.connect(m, wiring.flipped(self.s2mm[i]), chans[i].i)
+        for i in range(N_MM2S):
+            wiring.connect(m, chans[N_S2MM + i].o, wiring.flipped(self.mm2s[i]))
+        task_ch = self.task.payload[BD_INDEX_BITS:]
+        for i, d in enumerate(chans):
+            m.d.comb += [d.bd_we.eq(self.bd_we & (self.bd_ch == i)), d.bd_addr.eq(self.bd_addr),
+                         d.bd_wdata.eq(self.bd_wdata),
+                         d.task.payload.eq(self.task.payload[:BD_INDEX_BITS]),
+                         d.task.valid.eq(self.task.valid & (task_ch == i))]
+        m.d.comb += self.task.ready.eq(Cat(*[d.task.ready for d in chans]).bit_select(task_ch, 1))
+        m.d.comb += [self.dma_busy.eq(Cat(*[d.busy for d in chans])),
+                     self.dma_error.eq(Cat(*[d.error for d in chans]).any() | locks.overflow
+                                       | locks.bad_id)]
+
+        # data memory arbiter: round robin over requesters, advancing on a performed access
+        req = Signal(N_REQ)
+        is_write = [1] * N_S2MM + [0] * N_MM2S
+        m.d.comb += req.eq(Cat(*[d.mem.we for d in chans[:N_S2MM]],
+                               *[d.mem.re for d in chans[N_S2MM:]],
+                               self.dm_we | self.dm_re))
+        last = Signal(range(N_REQ), init=N_REQ - 1)
+        pick = Signal(range(N_REQ))
+        found = Signal()
+        # the first requester after `last`, cyclically
+        for off in reversed(range(1, N_REQ + 1)):
+            for cand in range(N_REQ):
+                with m.If((last == (cand - off) % N_REQ) & req[cand]):
+                    m.d.comb += [pick.eq(cand), found.eq(1)]
+        we = Signal()
+        addr = Signal(t.addr_bits)
+        wdata = Signal(t.word_bits)
+        for i, d in enumerate(chans):
+            with m.If(pick == i):
+                m.d.comb += addr.eq(d.mem.addr)
+                if is_write[i]:
+                    m.d.comb += [we.eq(1), wdata.eq(d.mem.wdata)]
+        with m.If(pick == N_REQ - 1):
+            m.d.comb += [addr.eq(self.dm_addr), we.eq(self.dm_we), wdata.eq(self.dm_wdata)]
+        m.d.comb += [core.dm_we.eq(found & we), core.dm_re.eq(found & ~we),
+                     core.dm_addr.eq(addr), core.dm_wdata.eq(wdata)]
+        grant = found & core.dm_ready
+        with m.If(grant):
+            m.d.sync += last.eq(pick)
+        for i, d in enumerate(chans):
+            m.d.comb += d.mem.ready.eq(grant & (pick == i))
+            if not is_write[i]:
+                m.d.comb += d.mem.rdata.eq(core.dm_rdata)
+        m.d.comb += [self.dm_ready.eq(grant & (pick == N_REQ - 1)),
+                     self.dm_rdata.eq(core.dm_rdata)]
+        return m
+
+
