@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from amaranth.back import verilog
+from amaranth.hdl import Shape
 from amaranth.lib import wiring
 
 from .config import OverlayConfig, TileConfig
+from .tile import tile_ports
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -46,31 +48,10 @@ def expected_tile_ports(tile: TileConfig) -> dict[str, tuple[str, int]]:
     The Verilator harness (``sim/harness/tile_harness.sv``) connects exactly these ports.
     ``clk`` and ``rst`` are added by Amaranth.
     """
-    return {
-        "clk": ("in", 1),
-        "rst": ("in", 1),
-        "start": ("in", 1),
-        "busy": ("out", 1),
-        "done": ("out", 1),
-        "error": ("out", 1),
-        "error_code": ("out", 8),
-        "error_pc": ("out", tile.pc_bits),
-        "cycles": ("out", 32),
-        "pm_we": ("in", 1),
-        "pm_addr": ("in", tile.pc_bits),
-        "pm_wdata": ("in", 64),
-        "dm_we": ("in", 1),
-        "dm_re": ("in", 1),
-        "dm_addr": ("in", tile.addr_bits),
-        "dm_wdata": ("in", tile.word_bits),
-        "dm_rdata": ("out", tile.word_bits),
-        "dm_ready": ("out", 1),
-        "lk_req": ("out", 1),
-        "lk_op": ("out", 1),
-        "lk_id": ("out", 6),
-        "lk_val": ("out", 6),
-        "lk_gnt": ("in", 1),
-    }
+    ports = {"clk": ("in", 1), "rst": ("in", 1)}
+    for name, member in tile_ports(tile).items():
+        ports[name] = (member.flow.value.lower(), Shape.cast(member.shape).width)
+    return ports
 
 
 _PORT_RE = re.compile(r"^\s*(input|output|inout)\s+(?:wire\s+|reg\s+)?(?:\[(\d+):(\d+)\]\s+)?"

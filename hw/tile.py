@@ -29,10 +29,42 @@ from .isa import (
     param_range,
 )
 
-__all__ = ["ComputeTile"]
+__all__ = ["CONTROL_PORTS", "ComputeTile", "tile_ports"]
+
+#: Ports a wrapper passes straight through to or from the tile.
+CONTROL_PORTS = ("start", "busy", "done", "error", "error_code", "error_pc", "cycles", "pm_we",
+                 "pm_addr", "pm_wdata")
 
 #: Bits of the group counters (HO x ceil(WO/pixels) groups at most).
 NG_BITS = 18
+
+
+def tile_ports(tile: TileConfig) -> dict[str, wiring.Member]:
+    """The ports of a compute tile (the one definition: the RTL, stand-ins, the tile unit and
+    the generator's port check all use it)."""
+    return {
+        "start": In(1),
+        "busy": Out(1),
+        "done": Out(1),
+        "error": Out(1),
+        "error_code": Out(ErrorCode),
+        "error_pc": Out(tile.pc_bits),
+        "cycles": Out(32),
+        "pm_we": In(1),
+        "pm_addr": In(tile.pc_bits),
+        "pm_wdata": In(64),
+        "dm_we": In(1),
+        "dm_re": In(1),
+        "dm_addr": In(tile.addr_bits),
+        "dm_wdata": In(tile.word_bits),
+        "dm_rdata": Out(tile.word_bits),
+        "dm_ready": Out(1),
+        "lk_req": Out(1),
+        "lk_op": Out(1),
+        "lk_id": Out(6),
+        "lk_val": Out(6),
+        "lk_gnt": In(1),
+    }
 
 
 class ComputeTile(wiring.Component):
@@ -70,29 +102,7 @@ class ComputeTile(wiring.Component):
         if not isinstance(tile, TileConfig):
             raise TypeError(f"tile must be a TileConfig, not {tile!r}")
         self.tile = tile
-        super().__init__({
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(ErrorCode),
-            "error_pc": Out(tile.pc_bits),
-            "cycles": Out(32),
-            "pm_we": In(1),
-            "pm_addr": In(tile.pc_bits),
-            "pm_wdata": In(64),
-            "dm_we": In(1),
-            "dm_re": In(1),
-            "dm_addr": In(tile.addr_bits),
-            "dm_wdata": In(tile.word_bits),
-            "dm_rdata": Out(tile.word_bits),
-            "dm_ready": Out(1),
-            "lk_req": Out(1),
-            "lk_op": Out(1),
-            "lk_id": Out(6),
-            "lk_val": Out(6),
-            "lk_gnt": In(1),
-        })
+        super().__init__(tile_ports(tile))
 
     def elaborate(self, platform):
         t = self.tile

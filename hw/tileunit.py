@@ -22,9 +22,8 @@ from amaranth.lib.wiring import In, Out
 from .bd import BD_INDEX_BITS, BD_LAYOUT
 from .config import TileConfig
 from .datamover import Datamover
-from .isa import ErrorCode
 from .locks import LOCK_ID_BITS, LockUnit
-from .tile import ComputeTile
+from .tile import CONTROL_PORTS, ComputeTile, tile_ports
 
 __all__ = ["N_MM2S", "N_S2MM", "TileUnit"]
 
@@ -87,22 +86,8 @@ class TileUnit(wiring.Component):
             "lock_wr_value": In(6),
             "dma_busy": Out(N_S2MM + N_MM2S),
             "dma_error": Out(1),
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(ErrorCode),
-            "error_pc": Out(tile.pc_bits),
-            "cycles": Out(32),
-            "pm_we": In(1),
-            "pm_addr": In(tile.pc_bits),
-            "pm_wdata": In(64),
-            "dm_we": In(1),
-            "dm_re": In(1),
-            "dm_addr": In(tile.addr_bits),
-            "dm_wdata": In(wb),
-            "dm_rdata": Out(wb),
-            "dm_ready": Out(1),
+            **{k: v for k, v in tile_ports(tile).items()
+               if k in CONTROL_PORTS or k.startswith("dm_")},
         })
 
     def elaborate(self, platform):
@@ -118,10 +103,11 @@ class TileUnit(wiring.Component):
             chans.append(d)
 
         # core control and status pass through
-        for name in ("start", "pm_we", "pm_addr", "pm_wdata"):
-            m.d.comb += getattr(core, name).eq(getattr(self, name))
-        for name in ("busy", "done", "error", "error_code", "error_pc", "cycles"):
-            m.d.comb += getattr(self, name).eq(getattr(core, name))
+        for name in CONTROL_PORTS:
+            if name in ("start", "pm_we", "pm_addr", "pm_wdata"):
+                m.d.comb += getattr(core, name).eq(getattr(self, name))
+            else:
+                m.d.comb += getattr(self, name).eq(getattr(core, name))
 
         # locks: port 0 is the core, then the channels
         p0 = locks.ports[0]

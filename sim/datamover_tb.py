@@ -15,13 +15,13 @@ case the harness itself stops answering.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import cocotb
-from cocotb.triggers import FallingEdge, RisingEdge, SimTimeoutError, with_timeout
+
+from tilewright.sim.harness_protocol import command, jobs_spec
 
 CMD_LOAD = 1
 CMD_START = 2
@@ -41,27 +41,11 @@ _STATUS = (
 
 
 def _jobs_spec() -> dict[str, Any]:
-    path = cocotb.plusargs.get("TW_JOBS") or os.environ.get("TILEWRIGHT_JOBS")
-    if not isinstance(path, str) or not path:
-        raise AssertionError("no jobs manifest: pass +TW_JOBS=<jobs.json>; "
-                             "tilewright.sim.datamover_sim.run_datamover_jobs does")
-    return json.loads(Path(path).read_text())
+    return jobs_spec("tilewright.sim.datamover_sim.run_datamover_jobs")
 
 
 async def _command(dut: Any, cmd: int, job: int, limit_cycles: int, clock_ns: int) -> None:
-    """Issue one harness command and wait for it to end (four-phase handshake)."""
-    dut.cmd.value = cmd
-    dut.job.value = job
-    dut.cmd_valid.value = 1
-    try:
-        await with_timeout(RisingEdge(dut.cmd_done), (limit_cycles + _SLACK) * clock_ns, "ns")
-        dut.cmd_valid.value = 0
-        await with_timeout(FallingEdge(dut.cmd_done), _SLACK * clock_ns, "ns")
-    except SimTimeoutError:
-        raise AssertionError(f"job {job}: the harness did not finish {_CMD_NAMES[cmd]} within "
-                             f"{limit_cycles + _SLACK} cycles; the harness is stuck") from None
-    if int(dut.bad_cmd.value):
-        raise AssertionError(f"job {job}: the harness rejected command {cmd}")
+    await command(dut, cmd, job, limit_cycles, clock_ns, name=_CMD_NAMES[cmd], slack=_SLACK)
 
 
 @cocotb.test()

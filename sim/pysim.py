@@ -15,7 +15,7 @@ from tilewright.hw.config import TileConfig
 from tilewright.hw.isa import N_LOCKS
 from tilewright.hw.tile import ComputeTile
 
-__all__ = ["PysimResult", "run_pysim"]
+__all__ = ["PysimResult", "TileWithLocks", "load_program", "load_words", "run_pysim", "words_of"]
 
 
 @dataclass
@@ -52,6 +52,36 @@ class TileWithLocks(Elaboratable):
         return m
 
 
+def words_of(image: np.ndarray, block: int) -> list[int]:
+    """A byte image as little-endian words of ``block`` bytes."""
+    w = np.asarray(image, dtype=np.uint8).reshape(-1, block)
+    return [int.from_bytes(v.tobytes(), "little") for v in w]
+
+
+async def load_program(ctx, dut, words: list[int]) -> None:
+    """Write ``words`` to program memory through ``pm_*`` (one per cycle)."""
+    for a, w in enumerate(words):
+        ctx.set(dut.pm_we, 1)
+        ctx.set(dut.pm_addr, a)
+        ctx.set(dut.pm_wdata, w)
+        await ctx.tick()
+    ctx.set(dut.pm_we, 0)
+
+
+async def load_words(ctx, dut, words: dict[int, int]) -> None:
+    """Write data memory words ``{address: value}`` through ``dm_*``, skipping zeros (memory
+    starts zeroed), waiting for ``dm_ready``."""
+    for a, w in words.items():
+        if w:
+            ctx.set(dut.dm_we, 1)
+            ctx.set(dut.dm_addr, a)
+            ctx.set(dut.dm_wdata, w)
+            while not ctx.get(dut.dm_ready):
+                await ctx.tick()
+            await ctx.tick()
+    ctx.set(dut.dm_we, 0)
+
+
 def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
               locks: list[int] | None = None, max_cycles: int = 200_000) -> PysimResult:
     """Load ``program`` and ``dmem`` through the tile's ports, run to ``done``, read back.
@@ -59,26 +89,14 @@ def run_pysim(tile: TileConfig, program: list[int], dmem: np.ndarray, *,
     ``locks`` are the initial lock values (default 0), as for the golden model."""
     top = TileWithLocks(tile)
     dut = top.tile
-    words = np.asarray(dmem, dtype=np.uint8).reshape(tile.dmem_words, tile.block)
-    wvals = [int.from_bytes(w.tobytes(), "little") for w in words]
+    wvals = words_of(dmem, tile.block)
     out: dict = {}
 
     async def bench(ctx):
         for i, v in enumerate(locks or []):
             ctx.set(top.values[i], v)
-        for a, w in enumerate(program):
-            ctx.set(dut.pm_we, 1)
-            ctx.set(dut.pm_addr, a)
-            ctx.set(dut.pm_wdata, w)
-            await ctx.tick()
-        ctx.set(dut.pm_we, 0)
-        for a, w in enumerate(wvals):
-            if w:
-                ctx.set(dut.dm_we, 1)
-                ctx.set(dut.dm_addr, a)
-                ctx.set(dut.dm_wdata, w)
-                await ctx.tick()
-        ctx.set(dut.dm_we, 0)
+        await load_program(ctx, dut, program)
+        await load_words(ctx, dut, dict(enumerate(wvals)))
         ctx.set(dut.start, 1)
         await ctx.tick()
         ctx.set(dut.start, 0)

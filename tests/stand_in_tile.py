@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from amaranth import Module, Signal
 from amaranth.lib import memory, wiring
-from amaranth.lib.wiring import In, Out
 
 from tilewright.hw.config import TileConfig
 from tilewright.hw.isa import ErrorCode, Instr, Opcode
+from tilewright.hw.tile import tile_ports
 
 __all__ = ["COPY_OPCODE", "SPIN_OPCODE", "StandInTile", "copy_word", "spin_word"]
 
@@ -57,29 +57,7 @@ class StandInTile(wiring.Component):
     @classmethod
     def members(cls, tile: TileConfig) -> dict[str, object]:
         """The signature members (the tile's port contract)."""
-        return {
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(8),
-            "error_pc": Out(tile.pc_bits),
-            "cycles": Out(32),
-            "pm_we": In(1),
-            "pm_addr": In(tile.pc_bits),
-            "pm_wdata": In(64),
-            "dm_we": In(1),
-            "dm_re": In(1),
-            "dm_addr": In(tile.addr_bits),
-            "dm_wdata": In(tile.word_bits),
-            "dm_rdata": Out(tile.word_bits),
-            "dm_ready": Out(1),
-            "lk_req": Out(1),
-            "lk_op": Out(1),
-            "lk_id": Out(6),
-            "lk_val": Out(6),
-            "lk_gnt": In(1),
-        }
+        return tile_ports(tile)
 
     def elaborate(self, platform: object) -> Module:
         t = self._tile

@@ -13,7 +13,7 @@ from amaranth.sim import Simulator
 from tilewright.hw.config import load_config
 from tilewright.hw.isa import ErrorCode
 from tilewright.sim.golden import DeadlockError, TileModel
-from tilewright.sim.pysim import TileWithLocks, run_pysim
+from tilewright.sim.pysim import TileWithLocks, load_program, load_words, run_pysim, words_of
 from tilewright.sim.randprog import illegal_programs, loop_lock_case, random_case
 from tilewright.sw.asm import Program
 
@@ -90,25 +90,12 @@ def test_datamover_access_while_running():
     want = TileModel(TINY).run(c.program, c.dmem)
     dut_top = TileWithLocks(TINY)
     dut = dut_top.tile
-    words = np.asarray(c.dmem).reshape(TINY.dmem_words, TINY.block)
     extra = {a: 0x5A5A0000 + a for a in range(TINY.dmem_words // 2 - 64, TINY.dmem_words // 2)}
     seen: dict = {}
 
     async def bench(ctx):
-        for a, w in enumerate(c.program):
-            ctx.set(dut.pm_we, 1)
-            ctx.set(dut.pm_addr, a)
-            ctx.set(dut.pm_wdata, w)
-            await ctx.tick()
-        ctx.set(dut.pm_we, 0)
-        for a, w in enumerate(words):
-            v = int.from_bytes(w.tobytes(), "little")
-            if v:
-                ctx.set(dut.dm_we, 1)
-                ctx.set(dut.dm_addr, a)
-                ctx.set(dut.dm_wdata, v)
-                await ctx.tick()
-        ctx.set(dut.dm_we, 0)
+        await load_program(ctx, dut, c.program)
+        await load_words(ctx, dut, dict(enumerate(words_of(c.dmem, TINY.block))))
         ctx.set(dut.start, 1)
         await ctx.tick()
         ctx.set(dut.start, 0)

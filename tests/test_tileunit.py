@@ -13,6 +13,7 @@ from amaranth.sim import Simulator
 from tilewright.hw.bd import BD_INDEX_BITS, BufferDescriptor, LockAction
 from tilewright.hw.config import load_config
 from tilewright.hw.tileunit import TileUnit
+from tilewright.sim.pysim import load_program, load_words, words_of
 from tilewright.sw.asm import Program
 from tilewright.sw.numerics import requantize
 
@@ -67,7 +68,7 @@ def test_ping_pong_conv_stream(seed, rate):
     dut = TileUnit(TINY)
     host = {Q: np.concatenate([bias.view(np.uint8), mult.view(np.uint8)]),
             W: w.view(np.uint8).ravel()}
-    words_in = [int.from_bytes(v.tobytes(), "little") for v in x.reshape(-1, b)]
+    words_in = words_of(x.view(np.uint8), b)
     got: list[int] = []
     prog = _program(rows, shift)
 
@@ -78,19 +79,9 @@ def test_ping_pong_conv_stream(seed, rate):
             ctx.set(dut.lock_wr_value, 1)
             await ctx.tick()
         ctx.set(dut.lock_wr_en, 0)
-        for a, wd in enumerate(prog):
-            ctx.set(dut.pm_we, 1)
-            ctx.set(dut.pm_addr, a)
-            ctx.set(dut.pm_wdata, wd)
-            await ctx.tick()
-        ctx.set(dut.pm_we, 0)
+        await load_program(ctx, dut, prog)
         for base, blob in host.items():
-            for k, v in enumerate(blob.reshape(-1, b)):
-                ctx.set(dut.dm_we, 1)
-                ctx.set(dut.dm_addr, base + k)
-                ctx.set(dut.dm_wdata, int.from_bytes(v.tobytes(), "little"))
-                await ctx.tick()
-        ctx.set(dut.dm_we, 0)
+            await load_words(ctx, dut, {base + k: v for k, v in enumerate(words_of(blob, b))})
         for ch, bds in _bds().items():
             for idx, bd in bds:
                 ctx.set(dut.bd_we, 1)
