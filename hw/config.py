@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ArrayConfig", "ConfigError", "OverlayConfig", "TileConfig", "load_config"]
+__all__ = ["ArrayConfig", "ConfigError", "DdrConfig", "MemtileConfig", "OverlayConfig",
+           "TileConfig", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,53 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class MemtileConfig:
+    """One column's memtile: staging memory with multi-channel 4-D DMA (AIE-ML: 512 KB,
+    6 S2MM + 6 MM2S channels, 48 BDs, 64 locks).
+
+    Attributes
+    ----------
+    bytes : int
+        Memory size.
+    banks : int
+        Memory banks; each serves one access per cycle.
+    s2mm, mm2s : int
+        Stream-to-memory and memory-to-stream channels.
+    bds_per_channel : int
+        Buffer descriptors per channel.
+    locks : int
+        Locks of the memtile's lock unit.
+    """
+
+    bytes: int = 524288
+    banks: int = 16
+    s2mm: int = 6
+    mm2s: int = 6
+    bds_per_channel: int = 8
+    locks: int = 64
+
+
+@dataclass(frozen=True)
+class DdrConfig:
+    """The DDR ports of one column (per memtile), as the simulation's DDR model times them.
+
+    Attributes
+    ----------
+    read_channels, write_channels : int
+        Channels per column.
+    bytes_per_cycle : int
+        Bandwidth of one channel (4 B/cycle = 4 GB/s at 1 GHz).
+    latency : int
+        Cycles from a read request to its first data.
+    """
+
+    read_channels: int = 2
+    write_channels: int = 2
+    bytes_per_cycle: int = 4
+    latency: int = 64
+
+
+@dataclass(frozen=True)
 class ArrayConfig:
     """Shape of the tile array (one tile for now; overlays come with the overlay issue)."""
 
@@ -106,6 +154,8 @@ class OverlayConfig:
     clock_mhz: float = 1000.0
     array: ArrayConfig = field(default_factory=ArrayConfig)
     tile: TileConfig = field(default_factory=TileConfig)
+    memtile: MemtileConfig = field(default_factory=MemtileConfig)
+    ddr: DdrConfig = field(default_factory=DdrConfig)
     source: str = "<memory>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +165,8 @@ class OverlayConfig:
 
     def digest(self) -> str:
         """Stable hash of every field that affects generated hardware (for build caches)."""
-        blob = json.dumps({"array": asdict(self.array), "tile": asdict(self.tile)},
+        blob = json.dumps({"array": asdict(self.array), "tile": asdict(self.tile),
+                           "memtile": asdict(self.memtile), "ddr": asdict(self.ddr)},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -131,6 +182,21 @@ _TILE_RULES: dict[str, tuple[str, Any]] = {
     "pmem_words": ("a power of two from 64 to 65536",
                    lambda v: _is_pow2(v) and 64 <= v <= 65536),
     "acc_depth": ("an integer from 1 to 1024", lambda v: 1 <= v <= 1024),
+}
+_MEMTILE_RULES: dict[str, tuple[str, Any]] = {
+    "bytes": ("a power of two from 4096 to 4194304",
+              lambda v: _is_pow2(v) and 4096 <= v <= 1 << 22),
+    "banks": ("a power of two from 1 to 64", lambda v: _is_pow2(v) and v <= 64),
+    "s2mm": ("an integer from 1 to 8", lambda v: 1 <= v <= 8),
+    "mm2s": ("an integer from 1 to 8", lambda v: 1 <= v <= 8),
+    "bds_per_channel": ("an integer from 1 to 64", lambda v: 1 <= v <= 64),
+    "locks": ("an integer from 1 to 64", lambda v: 1 <= v <= 64),
+}
+_DDR_RULES: dict[str, tuple[str, Any]] = {
+    "read_channels": ("an integer from 1 to 8", lambda v: 1 <= v <= 8),
+    "write_channels": ("an integer from 1 to 8", lambda v: 1 <= v <= 8),
+    "bytes_per_cycle": ("a power of two from 1 to 64", lambda v: _is_pow2(v) and v <= 64),
+    "latency": ("an integer from 0 to 4096", lambda v: 0 <= v <= 4096),
 }
 _ARRAY_RULES: dict[str, tuple[str, Any]] = {
     "rows": ("an integer from 1 to 16", lambda v: 1 <= v <= 16),
@@ -185,7 +251,7 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> OverlayConfig:
     """Validate a parsed YAML mapping and build an :class:`OverlayConfig`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the file must hold a mapping at top level, not {raw!r}")
-    top = {"name", "clock_mhz", "array", "tile", "description"}
+    top = {"name", "clock_mhz", "array", "tile", "memtile", "ddr", "description"}
     for key in raw:
         if key not in top:
             raise ConfigError(f"{source}: unknown key '{key}'; accepted keys are {sorted(top)}")
@@ -202,8 +268,11 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> OverlayConfig:
     array = _check_section(source, "array", raw.get("array"), ArrayConfig, _ARRAY_RULES)
     tile = _check_section(source, "tile", raw.get("tile"), TileConfig, _TILE_RULES)
     _check_tile(source, tile)
+    memtile = _check_section(source, "memtile", raw.get("memtile"), MemtileConfig,
+                             _MEMTILE_RULES)
+    ddr = _check_section(source, "ddr", raw.get("ddr"), DdrConfig, _DDR_RULES)
     return OverlayConfig(name=name, clock_mhz=float(clock), array=array, tile=tile,
-                         source=source)
+                         memtile=memtile, ddr=ddr, source=source)
 
 
 def load_config(path: str | Path) -> OverlayConfig:

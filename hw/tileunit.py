@@ -19,6 +19,7 @@ from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .arbiter import RoundRobin
 from .bd import BD_INDEX_BITS, BD_LAYOUT
 from .config import TileConfig
 from .datamover import Datamover
@@ -140,14 +141,9 @@ class TileUnit(wiring.Component):
         m.d.comb += req.eq(Cat(*[d.mem.we for d in chans[:N_S2MM]],
                                *[d.mem.re for d in chans[N_S2MM:]],
                                self.dm_we | self.dm_re))
-        last = Signal(range(N_REQ), init=N_REQ - 1)
-        pick = Signal(range(N_REQ))
-        found = Signal()
-        # the first requester after `last`, cyclically
-        for off in reversed(range(1, N_REQ + 1)):
-            for cand in range(N_REQ):
-                with m.If((last == (cand - off) % N_REQ) & req[cand]):
-                    m.d.comb += [pick.eq(cand), found.eq(1)]
+        m.submodules.arbiter = rr = RoundRobin(N_REQ)
+        m.d.comb += rr.req.eq(req)
+        pick, found = rr.pick, rr.found
         we = Signal()
         addr = Signal(t.addr_bits)
         wdata = Signal(t.word_bits)
@@ -161,8 +157,7 @@ class TileUnit(wiring.Component):
         m.d.comb += [core.dm_we.eq(found & we), core.dm_re.eq(found & ~we),
                      core.dm_addr.eq(addr), core.dm_wdata.eq(wdata)]
         grant = found & core.dm_ready
-        with m.If(grant):
-            m.d.sync += last.eq(pick)
+        m.d.comb += rr.served.eq(grant)
         for i, d in enumerate(chans):
             m.d.comb += d.mem.ready.eq(grant & (pick == i))
             if not is_write[i]:

@@ -45,6 +45,10 @@ def _load(tmp_path, text):
      "too small for the buffers"),
     (GOOD.replace("name: t", "name: 3"), "'name' must be a non-empty string"),
     ("- 1\n- 2\n", "must hold a mapping at top level"),
+    (GOOD + "memtile: {bytes: 100000}\n",
+     "'memtile.bytes' must be a power of two from 4096 to 4194304, not 100000"),
+    (GOOD + "memtile: {dma: 3}\n", "unknown key 'memtile.dma'"),
+    (GOOD + "ddr: {bytes_per_cycle: 3}\n", "'ddr.bytes_per_cycle' must be a power of two"),
     ("name: [\n", "not valid YAML"),
 ])
 def test_bad_configs_name_file_field_and_value(tmp_path, text, message):

@@ -1,8 +1,7 @@
+# amaranth: UnusedElaboratable=no
 """The tile unit (compute tile + lock unit + DMA channels + arbiter) in Amaranth's simulator:
 a height-streamed 1x1 conv whose input rows arrive on an S2MM stream and whose output rows
 leave on an MM2S stream while the core computes, synchronised by ping/pong locks."""
-
-# amaranth: UnusedElaboratable=no
 
 from pathlib import Path
 
