@@ -202,6 +202,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if r["bit_exact"] else 1
 
 
+# train / prune --------------------------------------------------------------------------------
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from tilewright.sw.prune.options import add_train_args
+
+    add_train_args(p)
+
+
+@command("train", "train a network: dense, Dropback sparse training, or gradual pruning",
+         _train_args)
+def cmd_train(args: argparse.Namespace) -> int:
+    from tilewright.sw.prune.commands import run_train
+
+    return run_train(args)
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    from tilewright.sw.prune.options import add_prune_args
+
+    add_prune_args(p)
+
+
+@command("prune", "prune a checkpoint to 8x8 blocks (or N:M, unstructured), fine-tune, "
+         "measure int8", _prune_args)
+def cmd_prune(args: argparse.Namespace) -> int:
+    from tilewright.sw.prune.commands import run_prune
+
+    return run_prune(args)
+
+
 # main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
