@@ -31,6 +31,7 @@ from tilewright.sim.verilator import (
     CLOCK_NS,
     RtlSimError,
     RtlTimeoutError,
+    RunTotals,
     build_component,
     run_cocotb,
 )
@@ -256,28 +257,9 @@ class DmResult:
     wall_s: float
 
 
-class DmRun(list[DmResult]):
-    """The results of :func:`run_datamover_jobs`, in job order, with the run's totals.
-
-    Attributes
-    ----------
-    sim_cycles : int
-        Simulated cycles of the START phases.
-    start_wall_s : float
-        Wall-clock seconds of the START phases.
-    cycles_per_s : float
-        ``sim_cycles / start_wall_s``.
-    process_wall_s : float
-        Wall-clock seconds of the simulator process.
-    build_dir : Path
-        The Verilator build used.
-    """
-
-    sim_cycles: int = 0
-    start_wall_s: float = 0.0
-    cycles_per_s: float = 0.0
-    process_wall_s: float = 0.0
-    build_dir: Path | None = None
+class DmRun(RunTotals[DmResult]):
+    """The results of :func:`run_datamover_jobs` (see
+    :class:`~tilewright.sim.verilator.RunTotals`)."""
 
 
 # Files ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from amaranth.lib import wiring
@@ -39,7 +39,7 @@ from tilewright.hw.config import OverlayConfig, TileConfig
 
 __all__ = [
     "BUILD_ARGS", "DEFAULT_TIMEOUT_CYCLES", "HARNESS_TOP", "RtlBuildError", "RtlResult",
-    "RtlRun", "RtlSimError", "RtlTimeoutError", "ToolchainError", "build_component",
+    "RtlRun", "RtlSimError", "RtlTimeoutError", "RunTotals", "ToolchainError", "build_component",
     "build_key", "build_root", "build_tile", "component_build_key", "dmem_from_hex", "dmem_to_hex",
     "pmem_to_hex", "run_cocotb", "run_tile_jobs", "toolchain_env", "verilator_root",
 ]
@@ -600,8 +600,11 @@ class RtlResult:
     timed_out: bool = False
 
 
-class RtlRun(list[RtlResult]):
-    """The results of :func:`run_tile_jobs`, in job order, with the run's totals.
+_R = TypeVar("_R")
+
+
+class RunTotals(list[_R]):
+    """Per-job results of one simulator process, in job order, with the process's totals.
 
     Attributes
     ----------
@@ -622,6 +625,10 @@ class RtlRun(list[RtlResult]):
     start_wall_s: float = 0.0
     process_wall_s: float = 0.0
     build_dir: Path | None = None
+
+
+class RtlRun(RunTotals[RtlResult]):
+    """The results of :func:`run_tile_jobs` (see :class:`RunTotals`)."""
 
 
 Job = tuple[Sequence[int], np.ndarray]
