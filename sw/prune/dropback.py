@@ -36,12 +36,11 @@ from torch.ao.pruning import BaseSparsifier
 from .patterns import SCORES, BlockPattern, NMPattern, Pattern, UnstructuredPattern
 from .sparsifier import (
     RANKINGS,
-    LayerReport,
     MaskError,
+    MaskQueries,
     _normalised,
     _raw_weight,
     check_mask,
-    layer_reports,
     resolve_config,
     row_best,
     zero_groups,
@@ -143,7 +142,7 @@ def select_budget(scores: torch.Tensor, sizes: torch.Tensor, budget: float,
     return keep
 
 
-class DropbackSparsifier(BaseSparsifier):
+class DropbackSparsifier(MaskQueries, BaseSparsifier):
     """Dropback sparse training with decaying initial weights and a streaming threshold.
 
     Call :meth:`step` after every ``optimizer.step()``.
@@ -350,11 +349,6 @@ class DropbackSparsifier(BaseSparsifier):
         self.decay_factor = 0.0
         self.squashed = True
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{module_name: group mask}`` of the tracked groups (bool, CPU)."""
-        return {g["module_fqn"]: self.state[g["tensor_fqn"]]["mask"].detach().cpu().clone()
-                for g in self.groups}
-
     def tracked(self) -> dict[str, int]:
         """``{module_name: number of tracked groups}``."""
         return {n: int(m.sum()) for n, m in self.masks().items()}
@@ -366,15 +360,6 @@ class DropbackSparsifier(BaseSparsifier):
             n = self.state[g["tensor_fqn"]]["mask"].numel()
             out[g["module_fqn"]] = n - zero_groups(float(g["sparsity_level"]), n)
         return out
-
-    def sparsity(self) -> dict[str, float]:
-        """``{module_name: fraction of untracked groups}``."""
-        return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self.masks().items()}
-
-    def report(self, model: nn.Module | None = None) -> list[LayerReport]:
-        """As :meth:`PatternSparsifier.report`."""
-        return layer_reports(self.model if model is None else model, self.pattern,
-                             self.masks(), self.dense_layers, self.padded_layers)
 
     # state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -382,7 +382,32 @@ def resolve_config(model: nn.Module,
 
 # The sparsifier -------------------------------------------------------------------------------
 
-class PatternSparsifier(BaseSparsifier):
+class MaskQueries:
+    """Mask queries shared by the sparsifiers (both keep ``state[fqn]["mask"]`` per group)."""
+
+    groups: list[dict[str, Any]]
+    state: dict[str, dict[str, Any]]
+    model: nn.Module
+    pattern: Pattern
+    dense_layers: dict[str, str]
+    padded_layers: dict[str, str]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{module_name: group mask}`` (bool, on the CPU; True = kept / tracked)."""
+        return {g["module_fqn"]: self.state[g["tensor_fqn"]]["mask"].detach().cpu().clone()
+                for g in self.groups}
+
+    def sparsity(self) -> dict[str, float]:
+        """``{module_name: fraction of zero (untracked) groups}``."""
+        return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self.masks().items()}
+
+    def report(self, model: nn.Module | None = None) -> list[LayerReport]:
+        """One :class:`LayerReport` per Conv2d/Linear layer of the model, in module order."""
+        return layer_reports(self.model if model is None else model, self.pattern,
+                             self.masks(), self.dense_layers, self.padded_layers)
+
+
+class PatternSparsifier(MaskQueries, BaseSparsifier):
     """Prune conv and FC weights to a block, N:M or unstructured pattern.
 
     Parameters
@@ -578,20 +603,6 @@ class PatternSparsifier(BaseSparsifier):
             self.state[g["tensor_fqn"]]["mask"] = self._param(g).mask.detach().clone()
         super().squash_mask(*args, **kwargs)
         self.squashed = True
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{module_name: group mask}`` (bool, on the CPU; True = kept)."""
-        return {g["module_fqn"]: self.state[g["tensor_fqn"]]["mask"].detach().cpu().clone()
-                for g in self.groups}
-
-    def sparsity(self) -> dict[str, float]:
-        """``{module_name: fraction of zero groups}``."""
-        return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self.masks().items()}
-
-    def report(self, model: nn.Module | None = None) -> list[LayerReport]:
-        """One :class:`LayerReport` per Conv2d/Linear layer of the model, in module order."""
-        return layer_reports(self.model if model is None else model, self.pattern,
-                             self.masks(), self.dense_layers, self.padded_layers)
 
     # state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
