@@ -16,7 +16,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +27,11 @@ from tilewright.hw.bd import BD_BITS, BufferDescriptor
 from tilewright.hw.locks import LockOp
 from tilewright.sim.dm_model import BdTable, task_words
 from tilewright.sim.verilator import (
-    CLOCK_NS,
     RtlSimError,
     RtlTimeoutError,
     RunTotals,
     build_component,
-    run_cocotb,
+    run_job_batch,
 )
 
 __all__ = [
@@ -439,22 +437,9 @@ def run_datamover_jobs(jobs: Sequence[DmJob], *, hc: DmHarnessConfig | None = No
         specs.append({"seed": job.seed, "n_tasks_mm2s": len(job.mm2s_tasks),
                       "n_tasks_s2mm": len(job.s2mm_tasks), "n_in_words": len(job.s2mm_in),
                       "timeout_cycles": timeout_cycles, **job.backpressure.thresholds()})
-    results_path = rdir / "results.json"
-    results_path.unlink(missing_ok=True)
-    spec_path = rdir / "jobs.json"
-    spec_path.write_text(json.dumps({
-        "jobs": specs, "clock_ns": CLOCK_NS, "results": str(results_path),
-        "init_cycles": max(hc.n_bds, hc.n_locks) + 16,
-    }, indent=1) + "\n")
-
-    t0 = time.perf_counter()
-    failure = run_cocotb(bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir,
-                         plusargs=[f"+TW_DIR={rdir}", f"+TW_JOBS={spec_path}"])
-    run.process_wall_s = time.perf_counter() - t0
-    try:
-        report = json.loads(results_path.read_text())
-    except (OSError, ValueError):
-        report = {"jobs": [], "failure": None}
+    failure, report, run.process_wall_s = run_job_batch(
+        bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir, indent=1,
+        spec={"jobs": specs, "init_cycles": max(hc.n_bds, hc.n_locks) + 16})
     for r in report["jobs"]:
         jd = rdir / f"job{r['index']}"
         try:

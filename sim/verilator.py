@@ -38,10 +38,29 @@ import tilewright.hw
 from tilewright.hw.config import OverlayConfig, TileConfig
 
 __all__ = [
-    "BUILD_ARGS", "DEFAULT_TIMEOUT_CYCLES", "HARNESS_TOP", "RtlBuildError", "RtlResult",
-    "RtlRun", "RtlSimError", "RtlTimeoutError", "RunTotals", "ToolchainError", "build_component",
-    "build_key", "build_root", "build_tile", "component_build_key", "dmem_from_hex", "dmem_to_hex",
-    "pmem_to_hex", "run_cocotb", "run_tile_jobs", "toolchain_env", "verilator_root",
+    "BUILD_ARGS",
+    "DEFAULT_TIMEOUT_CYCLES",
+    "HARNESS_TOP",
+    "RtlBuildError",
+    "RtlResult",
+    "RtlRun",
+    "RtlSimError",
+    "RtlTimeoutError",
+    "RunTotals",
+    "ToolchainError",
+    "build_component",
+    "build_key",
+    "build_root",
+    "build_tile",
+    "component_build_key",
+    "dmem_from_hex",
+    "dmem_to_hex",
+    "pmem_to_hex",
+    "run_cocotb",
+    "run_job_batch",
+    "run_tile_jobs",
+    "toolchain_env",
+    "verilator_root",
 ]
 
 _PKG = Path(__file__).resolve().parent
@@ -600,6 +619,33 @@ class RtlResult:
     timed_out: bool = False
 
 
+def run_job_batch(build_dir: str | os.PathLike[str], *, top: str, test_module: str,
+                  run_dir: str | os.PathLike[str], spec: dict[str, Any],
+                  indent: int = 2) -> tuple[str | None, dict[str, Any], float]:
+    """Run one batch of harness jobs in one simulator process.
+
+    Writes ``run_dir/jobs.json`` (``spec`` plus ``clock_ns`` and the ``results`` path) for the
+    cocotb module, runs it with ``+TW_DIR``/``+TW_JOBS``, and returns ``(failure, report,
+    process_wall_s)``: :func:`run_cocotb`'s failure sentence or None, the module's
+    ``results.json`` (``{"jobs": [], "failure": None}`` if it wrote none) and the wall time.
+    """
+    rdir = Path(run_dir)
+    results_path = rdir / "results.json"
+    results_path.unlink(missing_ok=True)
+    spec_path = rdir / "jobs.json"
+    spec_path.write_text(json.dumps({**spec, "clock_ns": CLOCK_NS,
+                                     "results": str(results_path)}, indent=indent) + "\n")
+    t0 = time.perf_counter()
+    failure = run_cocotb(build_dir, top=top, test_module=test_module, run_dir=rdir,
+                         plusargs=[f"+TW_DIR={rdir}", f"+TW_JOBS={spec_path}"])
+    wall = time.perf_counter() - t0
+    try:
+        report = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        report = {"jobs": [], "failure": None}
+    return failure, report, wall
+
+
 _R = TypeVar("_R")
 
 
@@ -713,23 +759,11 @@ def run_tile_jobs(cfg: OverlayConfig, jobs: Sequence[Job], *,
         (jd / "pm.hex").write_bytes(pmem_to_hex([int(w) for w in words], t.pmem_words))
         (jd / "dm.hex").write_bytes(dmem_to_hex(dmem.reshape(-1), t.word_bytes))
         (jd / "dm_out.hex").unlink(missing_ok=True)
-    results_path = rdir / "results.json"
-    results_path.unlink(missing_ok=True)
     spec = {"jobs": len(jobs), "timeout_cycles": timeout_cycles, "pmem_words": t.pmem_words,
-            "dmem_words": t.dmem_words, "clock_ns": CLOCK_NS, "results": str(results_path)}
-    spec_path = rdir / "jobs.json"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-
+            "dmem_words": t.dmem_words}
     log = rdir / "sim.log"
-    t0 = time.perf_counter()
-    failure = run_cocotb(bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir,
-                         plusargs=[f"+TW_DIR={rdir}", f"+TW_JOBS={spec_path}"])
-    run.process_wall_s = time.perf_counter() - t0
-
-    try:
-        report = json.loads(results_path.read_text())
-    except (OSError, ValueError):
-        report = {"jobs": [], "failure": None}
+    failure, report, run.process_wall_s = run_job_batch(
+        bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir, spec=spec)
     for r in report["jobs"]:
         out = rdir / f"job{r['index']}" / "dm_out.hex"
         try:
