@@ -129,18 +129,23 @@ class DdrConfig:
     bytes_per_cycle : int
         Bandwidth of one channel (4 B/cycle = 4 GB/s at 1 GHz).
     latency : int
-        Cycles from a read request to its first data.
+        Cycles from a read request to its first data (paid again when a read channel resumes
+        after a pause; see docs/architecture.md, "DDR model").
+    bds_per_channel : int
+        Buffer descriptors per shim read channel.
     """
 
     read_channels: int = 2
     write_channels: int = 2
     bytes_per_cycle: int = 4
     latency: int = 64
+    bds_per_channel: int = 16
 
 
 @dataclass(frozen=True)
 class ArrayConfig:
-    """Shape of the tile array (one tile for now; overlays come with the overlay issue)."""
+    """Shape of the tile array: ``rows`` x ``cols`` tile units, a memtile and a shim (DDR
+    ports) per column."""
 
     rows: int = 1
     cols: int = 1
@@ -197,6 +202,7 @@ _DDR_RULES: dict[str, tuple[str, Any]] = {
     "write_channels": ("an integer from 1 to 8", lambda v: 1 <= v <= 8),
     "bytes_per_cycle": ("a power of two from 1 to 64", lambda v: _is_pow2(v) and v <= 64),
     "latency": ("an integer from 0 to 4096", lambda v: 0 <= v <= 4096),
+    "bds_per_channel": ("an integer from 1 to 64", lambda v: 1 <= v <= 64),
 }
 _ARRAY_RULES: dict[str, tuple[str, Any]] = {
     "rows": ("an integer from 1 to 16", lambda v: 1 <= v <= 16),
@@ -268,6 +274,12 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> OverlayConfig:
     array = _check_section(source, "array", raw.get("array"), ArrayConfig, _ARRAY_RULES)
     tile = _check_section(source, "tile", raw.get("tile"), TileConfig, _TILE_RULES)
     _check_tile(source, tile)
+    # packet headers carry a column-bus bit, a row-bus mask and a tile mask above the length
+    if 17 + 2 * array.rows > tile.word_bits:
+        raise ConfigError(f"{source}: 'array.rows' = {array.rows} needs packet headers of "
+                          f"{17 + 2 * array.rows} bits, more than the {tile.word_bits}-bit "
+                          f"words of {tile.block}-byte blocks; accepted: rows <= "
+                          f"{(tile.word_bits - 17) // 2}")
     memtile = _check_section(source, "memtile", raw.get("memtile"), MemtileConfig,
                              _MEMTILE_RULES)
     ddr = _check_section(source, "ddr", raw.get("ddr"), DdrConfig, _DDR_RULES)

@@ -31,6 +31,8 @@ __all__ = [
     "TILE_MODULE",
     "expected_tile_ports",
     "generate",
+    "generate_overlay",
+    "overlay_modules",
     "verilog_ports",
 ]
 
@@ -200,4 +202,63 @@ def generate(cfg: OverlayConfig, outdir: str | os.PathLike[str], *,
         "files": [vfile, "manifest.json"],
     }
     _write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def overlay_modules(cfg: OverlayConfig) -> dict[str, Callable[[], wiring.Component]]:
+    """The distinct modules of ``cfg``'s overlay, each converted once: Verilog module name ->
+    factory. The top (``tw_overlay``) instantiates the tile unit and the shim by name."""
+    from .overlay import SHIM_MODULE, TILEUNIT_MODULE, TOP_MODULE, Overlay
+    from .shim import Shim
+    from .tileunit import TileUnit
+
+    return {
+        TILEUNIT_MODULE: lambda: TileUnit(cfg.tile),
+        SHIM_MODULE: lambda: Shim(cfg),
+        TOP_MODULE: lambda: Overlay(cfg),
+    }
+
+
+def generate_overlay(cfg: OverlayConfig, outdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Generate the whole overlay of ``cfg`` into ``outdir``: ``tw_tileunit.v``, ``tw_shim.v``
+    and the top ``tw_overlay.v`` (each distinct module converted once; the top instantiates
+    ``rows x cols`` tile units and ``cols`` shims) and ``overlay_manifest.json``.
+
+    Returns the manifest: ``config``, ``top``, ``modules`` (name, file, instances, bytes,
+    generate_s), ``array``, ``ddr``, ``route_fields``, ``generate_s``.
+    """
+    from .overlay import TOP_MODULE, route_fields
+
+    if not isinstance(cfg, OverlayConfig):
+        raise TypeError(f"cfg must be an OverlayConfig (see tilewright.hw.config.load_config), "
+                        f"not {cfg!r}")
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    R, C = cfg.array.rows, cfg.array.cols
+    instances = {TOP_MODULE: 1, "tw_tileunit": R * C, "tw_shim": C}
+    mods = []
+    t_all = time.perf_counter()
+    for name, factory in overlay_modules(cfg).items():
+        t0 = time.perf_counter()
+        text = verilog.convert(factory(), name=name, emit_src=False)
+        _write_text(out / f"{name}.v", text)
+        mods.append({"name": name, "file": f"{name}.v", "instances": instances[name],
+                     "bytes": len(text.encode()),
+                     "generate_s": round(time.perf_counter() - t0, 3)})
+    rf = route_fields(cfg)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "config": {"name": cfg.name, "digest": cfg.digest(), "source": cfg.source,
+                   "clock_mhz": cfg.clock_mhz},
+        "top": TOP_MODULE,
+        "modules": mods,
+        "array": asdict(cfg.array),
+        "tile": asdict(cfg.tile),
+        "ddr": asdict(cfg.ddr),
+        "route_fields": {"len": [0, 15], "col": rf.col, "row": rf.row, "tile": rf.tile},
+        "macs_per_cycle": cfg.tile.macs_per_cycle * R * C,
+        "generate_s": round(time.perf_counter() - t_all, 3),
+        "files": [m["file"] for m in mods] + ["overlay_manifest.json"],
+    }
+    _write_text(out / "overlay_manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

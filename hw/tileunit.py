@@ -1,9 +1,11 @@
 """A compute tile with its DMA: the unit an overlay instantiates in every array position.
 
 :class:`TileUnit` holds one :class:`~tilewright.hw.tile.ComputeTile`, a
-:class:`~tilewright.hw.locks.LockUnit` shared by the tile's core and its DMA, two S2MM and two
-MM2S :class:`~tilewright.hw.datamover.Datamover` channels (as an AIE-ML tile DMA) and a
-round-robin arbiter that puts the channels and a host port on the tile's data memory port.
+:class:`~tilewright.hw.locks.LockUnit` shared by the tile's core and its DMA, three S2MM and two
+MM2S :class:`~tilewright.hw.datamover.Datamover` channels (an AIE-ML tile DMA has two S2MM; the
+third lets a tile take its activations on one stream and two weight ping/pong streams on the
+others, so that a column's two DDR read channels both feed weights) and a round-robin arbiter
+that puts the channels and a host port on the tile's data memory port.
 The engine keeps priority on that port (``dm_ready``), so DMA traffic never changes compute
 cycles; the channels take the remaining cycles.
 
@@ -26,16 +28,46 @@ from .datamover import Datamover
 from .locks import LOCK_ID_BITS, LockUnit
 from .tile import CONTROL_PORTS, ComputeTile, tile_ports
 
-__all__ = ["N_MM2S", "N_S2MM", "TileUnit"]
+__all__ = ["CH_BITS", "N_LOCK_PORTS", "N_MM2S", "N_S2MM", "TileUnit", "tileunit_signature"]
 
-N_S2MM = 2
+N_S2MM = 3
 N_MM2S = 2
+#: Bits of a channel number (``bd_ch``, the task payload).
+CH_BITS = 3
 #: Requesters on the data memory port: the S2MM channels, the MM2S channels, the host.
 N_REQ = N_S2MM + N_MM2S + 1
 
 
+#: Lock requesters of a unit: the core, then the S2MM and MM2S channels.
+N_LOCK_PORTS = 1 + N_S2MM + N_MM2S
+
+
+def tileunit_signature(tile: TileConfig) -> wiring.Signature:
+    """The ports of a :class:`TileUnit` (the one definition: the unit, the overlay's
+    instances of the generated ``tw_tileunit`` module and the generator's port check)."""
+    wb = tile.word_bits
+    return wiring.Signature({
+        "s2mm": In(stream.Signature(wb)).array(N_S2MM),
+        "mm2s": Out(stream.Signature(wb)).array(N_MM2S),
+        "bd_we": In(1),
+        "bd_ch": In(CH_BITS),
+        "bd_addr": In(BD_INDEX_BITS),
+        "bd_wdata": In(BD_LAYOUT),
+        "task": In(stream.Signature(BD_INDEX_BITS + CH_BITS)),
+        "lock_wr_en": In(1),
+        "lock_wr_id": In(LOCK_ID_BITS),
+        "lock_wr_value": In(6),
+        "dma_busy": Out(N_S2MM + N_MM2S),
+        "dma_error": Out(1),
+        "lock_wait": Out(N_LOCK_PORTS),
+        "lock_wait_id": Out(LOCK_ID_BITS * N_LOCK_PORTS),
+        **{k: v for k, v in tile_ports(tile).items()
+           if k in CONTROL_PORTS or k.startswith("dm_")},
+    })
+
+
 class TileUnit(wiring.Component):
-    """Compute tile + lock unit + 2 S2MM / 2 MM2S datamover channels + memory arbiter.
+    """Compute tile + lock unit + 3 S2MM / 2 MM2S datamover channels + memory arbiter.
 
     Parameters
     ----------
@@ -47,20 +79,23 @@ class TileUnit(wiring.Component):
 
     Members
     -------
-    s2mm : In(stream.Signature(word_bits)).array(2)
-        Input streams, written to tile memory by S2MM channels 0 and 1.
+    s2mm : In(stream.Signature(word_bits)).array(3)
+        Input streams, written to tile memory by S2MM channels 0 to 2.
     mm2s : Out(stream.Signature(word_bits)).array(2)
         Output streams, read from tile memory by MM2S channels 0 and 1.
     bd_we, bd_ch, bd_addr, bd_wdata :
-        Write BD ``bd_addr`` of channel ``bd_ch`` (0, 1: S2MM; 2, 3: MM2S).
+        Write BD ``bd_addr`` of channel ``bd_ch`` (0, 1, 2: S2MM; 3, 4: MM2S).
     task : In(stream.Signature(ch + BD index))
         Queue a task (payload ``{bd, ch}``) on a channel; ``ready`` is the channel's.
     lock_wr_en, lock_wr_id, lock_wr_value :
         Set a lock (initial values).
-    dma_busy : Out(4)
+    dma_busy : Out(5)
         Per channel: a task is queued or running.
     dma_error : Out(1)
         A channel named a missing BD, or a lock request named a missing lock / overflowed.
+    lock_wait : Out(6), lock_wait_id : Out(36)
+        Per lock requester (core, S2MM 0-2, MM2S 0-1): it requests a lock this cycle and is not
+        granted, and the id it asks for (6 bits each) -- what a watchdog reports.
     start, busy, done, error, error_code, error_pc, cycles, pm_we, pm_addr, pm_wdata :
         As on :class:`ComputeTile`.
     dm_we, dm_re, dm_addr, dm_wdata, dm_rdata, dm_ready :
@@ -73,23 +108,7 @@ class TileUnit(wiring.Component):
         self.tile = tile
         self.n_locks = n_locks
         self.n_bds = n_bds
-        wb = tile.word_bits
-        super().__init__({
-            "s2mm": In(stream.Signature(wb)).array(N_S2MM),
-            "mm2s": Out(stream.Signature(wb)).array(N_MM2S),
-            "bd_we": In(1),
-            "bd_ch": In(2),
-            "bd_addr": In(BD_INDEX_BITS),
-            "bd_wdata": In(BD_LAYOUT),
-            "task": In(stream.Signature(BD_INDEX_BITS + 2)),
-            "lock_wr_en": In(1),
-            "lock_wr_id": In(LOCK_ID_BITS),
-            "lock_wr_value": In(6),
-            "dma_busy": Out(N_S2MM + N_MM2S),
-            "dma_error": Out(1),
-            **{k: v for k, v in tile_ports(tile).items()
-               if k in CONTROL_PORTS or k.startswith("dm_")},
-        })
+        super().__init__(tileunit_signature(tile))
 
     def elaborate(self, platform):
         t = self.tile
@@ -118,6 +137,11 @@ class TileUnit(wiring.Component):
             wiring.connect(m, d.lock, locks.ports[1 + i])
         m.d.comb += [locks.wr_en.eq(self.lock_wr_en), locks.wr_id.eq(self.lock_wr_id),
                      locks.wr_value.eq(self.lock_wr_value)]
+
+        # who waits on which lock (for the overlay's watchdog)
+        for i, p in enumerate(locks.ports):
+            m.d.comb += [self.lock_wait[i].eq(p.req & ~p.gnt),
+                         self.lock_wait_id[6 * i:6 * i + 6].eq(p.id)]
 
         # streams, BDs, tasks
         for i in range(N_S2MM):

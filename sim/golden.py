@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -29,12 +30,23 @@ from tilewright.hw.isa import (
 )
 from tilewright.sw.numerics import requantize
 
-__all__ = ["DeadlockError", "HazardError", "RunResult", "TileModel", "op_steps", "reset_params"]
+__all__ = ["DeadlockError", "HazardError", "LockHook", "RunResult", "TileModel", "op_steps",
+           "reset_params"]
 
 
 class HazardError(RuntimeError):
     """A program reads memory that an earlier op's writeback may not have written yet
     (it needs the FENCE flag), or an op's output overlaps its own input."""
+
+
+class LockHook(Protocol):
+    """The environment of a tile in :meth:`TileModel.run` (see there)."""
+
+    def acquire(self, lock: int, value: int, cycle: int, locks: list[int],
+                mem: np.ndarray) -> int: ...
+
+    def release(self, lock: int, value: int, cycle: int, locks: list[int],
+                mem: np.ndarray) -> None: ...
 
 
 class DeadlockError(RuntimeError):
@@ -106,12 +118,21 @@ class TileModel:
     # ------------------------------------------------------------------------------------
     def run(self, program: list[int], dmem: np.ndarray, *,
             locks: list[int] | None = None,
-            max_instructions: int = 10_000_000) -> RunResult:
+            max_instructions: int = 10_000_000,
+            lock_hook: LockHook | None = None) -> RunResult:
         """Run ``program`` on a copy of ``dmem``.
 
         ``locks`` are the initial lock values (default all 0); ACQ is granted at once when the
         lock holds enough, REL adds; each costs FETCH + DECODE, like the RTL with the single-
         tile harness's combinational lock unit. The final values are in ``RunResult.locks``.
+
+        ``lock_hook`` lets the tile's environment (its datamovers, in
+        :mod:`tilewright.sim.overlay_model`) take part: an ACQ that the lock cannot grant
+        calls ``lock_hook.acquire(lock, value, cycle, locks, mem)``, which may write the
+        memory and release locks and returns the cycle from which the ACQ is granted (the
+        program waits until then); every REL then calls ``lock_hook.release(lock, value,
+        cycle, locks, mem)`` after adding. ``mem`` is the tile memory (uint8, written in
+        place) and ``locks`` the list of lock values.
         """
         t = self.tile
         lock = [0] * N_LOCKS if locks is None else [int(v) for v in locks]
@@ -172,6 +193,9 @@ class TileModel:
                 continue
             if op in (Opcode.ACQ, Opcode.REL):
                 if op is Opcode.ACQ:
+                    if lock[ins.a] < ins.imm and lock_hook is not None:
+                        decode = max(decode, int(lock_hook.acquire(ins.a, ins.imm, decode,
+                                                                   lock, mem)))
                     if lock[ins.a] < ins.imm:
                         raise DeadlockError(f"ACQ of lock {ins.a} for {ins.imm} at pc {pc} "
                                             f"waits forever: the lock holds {lock[ins.a]} and "
@@ -179,6 +203,8 @@ class TileModel:
                     lock[ins.a] -= ins.imm
                 else:
                     lock[ins.a] = min(lock[ins.a] + ins.imm, 63)
+                    if lock_hook is not None:
+                        lock_hook.release(ins.a, ins.imm, decode, lock, mem)
                 pc += 1
                 now = decode + 1
                 continue

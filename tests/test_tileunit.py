@@ -11,7 +11,7 @@ from amaranth.sim import Simulator
 
 from tilewright.hw.bd import BD_INDEX_BITS, BufferDescriptor, LockAction
 from tilewright.hw.config import load_config
-from tilewright.hw.tileunit import TileUnit
+from tilewright.hw.tileunit import N_S2MM, TileUnit
 from tilewright.sim.pysim import load_program, load_words, words_of
 from tilewright.sw.asm import Program
 from tilewright.sw.numerics import requantize
@@ -40,14 +40,14 @@ def _program(rows: int, shift: int) -> list[int]:
 
 
 def _bds() -> dict[int, list[tuple[int, BufferDescriptor]]]:
-    """Per channel: (index, BD). S2MM 0 fills the input buffers, MM2S 2 drains outputs."""
+    """Per channel: (index, BD). S2MM 0 fills the input buffers, MM2S 0 drains outputs."""
     s2mm = [(k, BufferDescriptor(IN[k], (2 * WIDTH,), (1,), next_bd=1 if k == 0 else None,
                                  acquire=LockAction(IN_EMPTY[k], 1),
                                  release=LockAction(IN_FULL[k], 1))) for k in (0, 1)]
     mm2s = [(k, BufferDescriptor(OUT[k], (WIDTH,), (1,), next_bd=1 if k == 0 else None,
                                  acquire=LockAction(OUT_FULL[k], 1),
                                  release=LockAction(OUT_EMPTY[k], 1))) for k in (0, 1)]
-    return {0: s2mm, 2: mm2s}
+    return {0: s2mm, N_S2MM: mm2s}
 
 
 @pytest.mark.parametrize("seed, rate", [(3, 0.7), (4, 0.1)])
@@ -89,7 +89,7 @@ def test_ping_pong_conv_stream(seed, rate):
                 ctx.set(dut.bd_wdata.as_value(), bd.encode())
                 await ctx.tick()
         ctx.set(dut.bd_we, 0)
-        for ch in (0, 2):
+        for ch in (0, N_S2MM):
             for _ in range(rows // 2):
                 ctx.set(dut.task.valid, 1)
                 ctx.set(dut.task.payload, ch << BD_INDEX_BITS)

@@ -1,0 +1,345 @@
+"""The overlay top: an R x C array of tile units, a shim per column and the stream network.
+
+:class:`Overlay` is the generated top ``tw_overlay``. Its tile units (``tw_tileunit``,
+:class:`~tilewright.hw.tileunit.TileUnit`) and shims (``tw_shim``,
+:class:`~tilewright.hw.shim.Shim`) are each generated once and instantiated here by name, so
+converting an 8x8 array costs one tile unit's conversion plus a small network.
+
+Stream network (packet switched, :mod:`tilewright.hw.packet`; header bits in
+:func:`route_fields`):
+
+* every shim read channel feeds a :class:`~tilewright.hw.packet.PacketSplit` that sends each
+  packet to its column bus (header bit ``COL``) and/or to any of the R *row buses* (header
+  bits ``ROW + r``; several bits multicast a packet, e.g. a halo row two tile rows share);
+* row bus ``r`` merges the packets of all shim read channels bound for it (packet-level round
+  robin) and broadcasts them to the S2MM 0 channel of every tile of array row ``r`` (the header
+  is stripped in front of each tile): activations travel along rows, read from DDR once;
+* column ``c`` has two column buses: read channel ``k``'s column packets go to bus ``k mod 2``,
+  which sends each to the S2MM ``1 + k mod 2`` channel of the tiles of column ``c`` named by
+  the header's tile mask (bits ``TILE + r``): weights travel down columns, a packet for
+  several tiles read once, and the two buses fill a tile's weight ping and pong buffers in
+  parallel;
+* MM2S channel ``k`` of every tile of a column is merged into write channel ``k mod W`` of the
+  column's shim; tile output packets carry their DDR address in the header.
+
+Control plane (``cfg_*``): one configuration write per cycle (``cfg_we`` held until
+``cfg_ready``) of a program word, a buffer descriptor, a lock value, a data memory word or a
+task, addressed to unit ``cfg_unit`` (tiles ``r * C + c``, then shims ``R * C + c``).
+``start`` starts every tile; ``done`` rises once every tile has halted and every channel,
+writer and network stream is idle; ``cycles`` counts the cycles in between. ``st_sel`` /
+``st_data`` read a unit's status (busy, error, lock waits) and ``progress`` is high in a cycle
+in which something moved -- what the simulation's watchdog reports from.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal, Value
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .bd import BD_BITS, BD_INDEX_BITS
+from .config import OverlayConfig
+from .packet import PacketMerge, PacketSplit, StreamBroadcast
+from .shim import DDR_ADDR_BITS, SHIM_CH_BITS, shim_signature
+from .tileunit import CH_BITS, N_LOCK_PORTS, N_MM2S, N_S2MM, tileunit_signature
+
+N_DMA = N_S2MM + N_MM2S
+
+__all__ = [
+    "CFG_KINDS",
+    "SHIM_MODULE",
+    "STATUS_BITS",
+    "TILEUNIT_MODULE",
+    "TOP_MODULE",
+    "Overlay",
+    "RouteFields",
+    "route_fields",
+]
+
+TOP_MODULE = "tw_overlay"
+TILEUNIT_MODULE = "tw_tileunit"
+SHIM_MODULE = "tw_shim"
+
+#: ``cfg_kind`` values.
+CFG_KINDS = {"pm": 0, "bd": 1, "lock": 2, "dm": 3, "task": 4}
+#: Width of ``st_data``.
+STATUS_BITS = 96
+
+
+class RouteFields:
+    """Header bit positions of the overlay's packets (above the 16-bit length).
+
+    Attributes
+    ----------
+    col : int
+        Send to the column bus.
+    row : int
+        Row bus ``r`` is bit ``row + r``.
+    tile : int
+        On a column bus, tile row ``r`` is bit ``tile + r``.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.col = 16
+        self.row = 17
+        self.tile = 17 + rows
+        self.bits = 17 + 2 * rows
+
+
+def route_fields(cfg: OverlayConfig) -> RouteFields:
+    """The packet header fields of an overlay (one definition: RTL, compiler and model)."""
+    return RouteFields(cfg.array.rows)
+
+
+def _instance(m: Module, module: str, name: str, sig: wiring.Signature):
+    """Instantiate a generated module ``module`` whose ports are ``sig`` (from the module's
+    side) and return an interface with the same members to connect it with."""
+    intf = sig.create(path=(name,))
+    ports = {"i_clk": ClockSignal(), "i_rst": ResetSignal()}
+    for path, member, value in sig.flatten(intf):
+        pname = "__".join(str(p) for p in path)
+        ports[f"{'i' if member.flow == In else 'o'}_{pname}"] = Value.cast(value)
+    m.submodules[name] = Instance(module, **ports)
+    return intf
+
+
+class Overlay(wiring.Component):
+    """The overlay top (``tw_overlay``).
+
+    Parameters
+    ----------
+    cfg : OverlayConfig
+
+    Members
+    -------
+    cfg_we, cfg_unit, cfg_kind, cfg_ch, cfg_addr, cfg_data, cfg_ready :
+        Configuration writes (see the module docstring and :data:`CFG_KINDS`).
+    start : In(1), done : Out(1), busy : Out(1), error : Out(1), cycles : Out(32)
+        Run control.
+    st_sel : In(8), st_data : Out(96), progress : Out(1)
+        Status for the watchdog.
+    ddr_rd_addr, ddr_rd_re, ddr_rd_new, ddr_rd_ready, ddr_rd_rdata :
+        The C x read_channels DDR read ports, packed (port ``c * read_channels + k`` is
+        column ``c``'s channel ``k``; ``addr`` 28 bits and ``rdata`` a word per port;
+        ``rdata`` is valid the cycle after ``re & ready``; ``new``: see
+        :class:`~tilewright.hw.shim.Shim`).
+    ddr_wr_addr, ddr_wr_we, ddr_wr_wdata, ddr_wr_ready :
+        The C x write_channels DDR write ports, packed the same way.
+    """
+
+    def __init__(self, cfg: OverlayConfig) -> None:
+        if not isinstance(cfg, OverlayConfig):
+            raise TypeError(f"cfg must be an OverlayConfig, not {cfg!r}")
+        self.cfg = cfg
+        wb = cfg.tile.word_bits
+        C = cfg.array.cols
+        self.cfg_bits = max(BD_BITS, 64, wb)
+        NRD = C * cfg.ddr.read_channels
+        NWR = C * cfg.ddr.write_channels
+        super().__init__({
+            "cfg_we": In(1),
+            "cfg_unit": In(8),
+            "cfg_kind": In(3),
+            "cfg_ch": In(4),
+            "cfg_addr": In(16),
+            "cfg_data": In(self.cfg_bits),
+            "cfg_ready": Out(1),
+            "start": In(1),
+            "done": Out(1),
+            "busy": Out(1),
+            "error": Out(1),
+            "cycles": Out(32),
+            "st_sel": In(8),
+            "st_data": Out(STATUS_BITS),
+            "progress": Out(1),
+            "ddr_rd_addr": Out(NRD * DDR_ADDR_BITS),
+            "ddr_rd_re": Out(NRD),
+            "ddr_rd_new": Out(NRD),
+            "ddr_rd_ready": In(NRD),
+            "ddr_rd_rdata": In(NRD * wb),
+            "ddr_wr_addr": Out(NWR * DDR_ADDR_BITS),
+            "ddr_wr_we": Out(NWR),
+            "ddr_wr_wdata": Out(NWR * wb),
+            "ddr_wr_ready": In(NWR),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        R, C = cfg.array.rows, cfg.array.cols
+        NR, NW = cfg.ddr.read_channels, cfg.ddr.write_channels
+        wb = cfg.tile.word_bits
+        rf = route_fields(cfg)
+        m = Module()
+
+        tsig = tileunit_signature(cfg.tile)
+        ssig = shim_signature(cfg)
+        tiles = [[_instance(m, TILEUNIT_MODULE, f"tile_{r}_{c}", tsig) for c in range(C)]
+                 for r in range(R)]
+        shims = [_instance(m, SHIM_MODULE, f"shim_{c}", ssig) for c in range(C)]
+        flat = [tiles[r][c] for r in range(R) for c in range(C)]
+
+        # ---- DDR ports ---------------------------------------------------------------------
+        A = DDR_ADDR_BITS
+        for c in range(C):
+            for k in range(NR):
+                p, i = shims[c].rd[k], c * NR + k
+                m.d.comb += [self.ddr_rd_addr[A * i:A * (i + 1)].eq(p.addr),
+                             self.ddr_rd_re[i].eq(p.re), self.ddr_rd_new[i].eq(shims[c].rd_new[k]),
+                             p.ready.eq(self.ddr_rd_ready[i]),
+                             p.rdata.eq(self.ddr_rd_rdata[wb * i:wb * (i + 1)])]
+            for k in range(NW):
+                p, i = shims[c].wr[k], c * NW + k
+                m.d.comb += [self.ddr_wr_addr[A * i:A * (i + 1)].eq(p.addr),
+                             self.ddr_wr_we[i].eq(p.we),
+                             self.ddr_wr_wdata[wb * i:wb * (i + 1)].eq(p.wdata),
+                             p.ready.eq(self.ddr_wr_ready[i])]
+
+        # ---- stream network ----------------------------------------------------------------
+        net_valid = []
+        row_inputs: list[list] = [[] for _ in range(R)]
+        col_inputs: list[list] = [[] for _ in range(C)]
+        for c in range(C):
+            for k in range(NR):
+                sp = PacketSplit(wb, 1 + R, rf.col, strip=False)
+                m.submodules[f"rdsplit_{c}_{k}"] = sp
+                wiring.connect(m, shims[c].rd_o[k], sp.i)
+                col_inputs[c].append(sp.o[0])
+                for r in range(R):
+                    row_inputs[r].append(sp.o[1 + r])
+                net_valid.append(shims[c].rd_o[k].valid)
+        for r in range(R):
+            mg = PacketMerge(wb, len(row_inputs[r]))
+            m.submodules[f"rowmerge_{r}"] = mg
+            for j, src in enumerate(row_inputs[r]):
+                wiring.connect(m, src, mg.i[j])
+            bc = StreamBroadcast(wb, C)
+            m.submodules[f"rowbc_{r}"] = bc
+            wiring.connect(m, mg.o, bc.i)
+            net_valid.append(mg.o.valid)
+            for c in range(C):
+                st = PacketSplit(wb, 1, rf.row + r, strip=True)
+                m.submodules[f"rowstrip_{r}_{c}"] = st
+                wiring.connect(m, bc.o[c], st.i)
+                wiring.connect(m, st.o[0], tiles[r][c].s2mm[0])
+                net_valid.append(bc.o[c].valid)
+        for c in range(C):
+            # two column buses (weight ping/pong): read channel k feeds bus k % 2, which feeds
+            # S2MM 1 + (k % 2) of the tiles its header's tile mask names
+            for bus in range(2):
+                srcs = col_inputs[c][bus::2]
+                sp = PacketSplit(wb, R, rf.tile, strip=True)
+                m.submodules[f"colsplit_{c}_{bus}"] = sp
+                if not srcs:
+                    m.d.comb += sp.i.valid.eq(0)
+                elif len(srcs) == 1:
+                    wiring.connect(m, srcs[0], sp.i)
+                else:
+                    mg = PacketMerge(wb, len(srcs))
+                    m.submodules[f"colmerge_{c}_{bus}"] = mg
+                    for j, src in enumerate(srcs):
+                        wiring.connect(m, src, mg.i[j])
+                    wiring.connect(m, mg.o, sp.i)
+                    net_valid.append(mg.o.valid)
+                net_valid.append(sp.i.valid)
+                for r in range(R):
+                    wiring.connect(m, sp.o[r], tiles[r][c].s2mm[1 + bus])
+                    net_valid.append(sp.o[r].valid)
+            for k in range(NW):
+                srcs = [tiles[r][c].mm2s[j] for r in range(R) for j in range(N_MM2S)
+                        if j % NW == k]
+                if not srcs:
+                    m.d.comb += shims[c].wr_i[k].valid.eq(0)
+                    continue
+                wm = PacketMerge(wb, len(srcs))
+                m.submodules[f"wrmerge_{c}_{k}"] = wm
+                for j, src in enumerate(srcs):
+                    wiring.connect(m, src, wm.i[j])
+                    net_valid.append(src.valid)
+                wiring.connect(m, wm.o, shims[c].wr_i[k])
+                net_valid.append(wm.o.valid)
+
+        # ---- configuration -----------------------------------------------------------------
+        kind = self.cfg_kind
+        ready = Signal()
+        m.d.comb += ready.eq(1)
+        for u, t in enumerate(flat):
+            sel = self.cfg_we & (self.cfg_unit == u)
+            m.d.comb += [
+                t.pm_we.eq(sel & (kind == CFG_KINDS["pm"])),
+                t.pm_addr.eq(self.cfg_addr),
+                t.pm_wdata.eq(self.cfg_data[:64]),
+                t.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
+                t.bd_ch.eq(self.cfg_ch),
+                t.bd_addr.eq(self.cfg_addr),
+                t.bd_wdata.eq(self.cfg_data[:BD_BITS]),
+                t.lock_wr_en.eq(sel & (kind == CFG_KINDS["lock"])),
+                t.lock_wr_id.eq(self.cfg_addr),
+                t.lock_wr_value.eq(self.cfg_data),
+                t.dm_we.eq(sel & (kind == CFG_KINDS["dm"])),
+                t.dm_re.eq(0),
+                t.dm_addr.eq(self.cfg_addr),
+                t.dm_wdata.eq(self.cfg_data),
+                t.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
+                t.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS], self.cfg_ch[:CH_BITS])),
+                t.start.eq(self.start),
+            ]
+            with m.If(self.cfg_unit == u):
+                with m.If(kind == CFG_KINDS["dm"]):
+                    m.d.comb += ready.eq(t.dm_ready)
+                with m.If(kind == CFG_KINDS["task"]):
+                    m.d.comb += ready.eq(t.task.ready)
+        for c, s in enumerate(shims):
+            u = R * C + c
+            sel = self.cfg_we & (self.cfg_unit == u)
+            m.d.comb += [
+                s.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
+                s.bd_ch.eq(self.cfg_ch[:SHIM_CH_BITS]),
+                s.bd_addr.eq(self.cfg_addr),
+                s.bd_wdata.eq(self.cfg_data[:BD_BITS]),
+                s.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
+                s.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS],
+                                      self.cfg_ch[:SHIM_CH_BITS])),
+            ]
+            with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
+                m.d.comb += ready.eq(s.task.ready)
+        m.d.comb += self.cfg_ready.eq(ready)
+
+        # ---- run control -------------------------------------------------------------------
+        all_done = Cat(*[t.done for t in flat]).all()
+        dma_idle = ~Cat(*[t.dma_busy for t in flat], *[s.busy for s in shims]).any()
+        net_idle = ~Cat(*net_valid).any()
+        any_error = Cat(*[t.error for t in flat], *[t.dma_error for t in flat],
+                        *[s.error for s in shims]).any()
+        running = Signal()
+        settle = Signal(2)
+        with m.If(self.start):
+            m.d.sync += [running.eq(1), settle.eq(0), self.cycles.eq(0), self.done.eq(0)]
+        with m.Elif(running):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+            with m.If(settle != 3):
+                m.d.sync += settle.eq(settle + 1)
+            with m.Elif(all_done & dma_idle & net_idle):
+                m.d.sync += [running.eq(0), self.done.eq(1)]
+        m.d.comb += [self.busy.eq(running), self.error.eq(any_error)]
+
+        # ---- status and progress -----------------------------------------------------------
+        for u, t in enumerate(flat):
+            with m.If(self.st_sel == u):
+                m.d.comb += self.st_data.eq(Cat(
+                    t.busy, t.done, t.error, t.dma_error, t.dma_busy,
+                    Const(0, 12 - N_DMA), t.lock_wait, Const(0, 8 - N_LOCK_PORTS),
+                    t.error_code, t.lock_wait_id, Const(0, 40 - 6 * N_LOCK_PORTS),
+                    t.error_pc))
+        for c, s in enumerate(shims):
+            with m.If(self.st_sel == R * C + c):
+                m.d.comb += self.st_data.eq(Cat(Const(0, 2), s.error, Const(0, 1), s.busy))
+        # status word of a tile: busy 0, done 1, error 2, dma_error 3, dma_busy 4.. (one bit
+        # per channel: S2MM then MM2S), lock_wait 16.. (core, S2MM, MM2S), error_code 24..31,
+        # lock ids 6 bits each from 32, error_pc from 72; of a shim: error 2, busy 4..
+        moving = [t.busy & ~t.lock_wait[0] for t in flat]
+        moving += [t.s2mm[k].valid & t.s2mm[k].ready for t in flat for k in range(N_S2MM)]
+        moving += [t.mm2s[k].valid & t.mm2s[k].ready for t in flat for k in range(N_MM2S)]
+        moving += [self.ddr_rd_re & self.ddr_rd_ready, self.ddr_wr_we & self.ddr_wr_ready]
+        m.d.comb += self.progress.eq(Cat(*moving).any())
+        return m
+

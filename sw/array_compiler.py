@@ -1,0 +1,674 @@
+"""The array layer compiler: one convolution or linear layer across an overlay's tile array.
+
+:func:`compile_conv_array` turns a quantised layer and its int8 input into
+:class:`ArrayJob` s -- everything the overlay needs for one run from DDR to DDR: the DDR
+image, per-tile programs, buffer descriptors, lock values and data-memory constants, and the
+shim's descriptors and tasks -- plus the metadata the overlay model, the benchmark and the
+estimator read. The dataflow (docs/architecture.md, "Running a layer on the array"):
+
+* **Columns split output channels.** Block rows (output channel groups) are dealt to the
+  columns Procrustes-style: sorted by non-zero blocks, densest first, each to the column with
+  the least work so far, so that every column streams about the same number of non-zero
+  blocks.
+* **Tile rows split output rows.** Tile row ``r`` computes output rows ``[h0, h1)`` of every
+  block row of its column; its input slice (those rows plus the halo, padded, every input
+  channel group) is read from DDR once, padded on the fly by the shim's descriptor, and
+  broadcast along the tile row (row bus ``r``) to the tiles of every column.
+* **Weights stream down the columns.** A column's block rows are cut into chunks (several
+  block rows: their requantisation records and non-zero weight lines, compacted -- a zero
+  block never crosses DDR or a port). Chunk ``k`` travels as one packet on column bus
+  ``k mod 2`` (read channel ``k mod 2`` of the column's shim), broadcast to every tile of the
+  column, into that tile's weight buffer ``k mod 2``: ping/pong, with locks, so that the next
+  chunk streams in while the core computes on this one.
+* **Outputs stream back.** After chunk ``k`` the core releases its output lock and MM2S
+  channel ``k mod 2`` sends one packet per block row (a header with the DDR address, then the
+  tile's rows of that channel group, contiguous in the DDR's channel-group-planar layout).
+
+When a layer does not fit in one run (input slice + two weight buffers + outputs larger than
+the tile memory, or more chunks than buffer descriptors), it is split into several jobs over
+block rows and/or output rows; each job is a separate overlay run.
+
+DDR layout (words of ``tile.block`` bytes): the input as channel-group planes
+``[Gin][H][W]`` at 0, the output ``[Gout][Ho][Wo]`` after it, then per job the packet
+headers of the activation slices and the weight streams of every column and bus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tilewright.hw.bd import BufferDescriptor, LockAction
+from tilewright.hw.config import OverlayConfig
+from tilewright.hw.isa import Param, param_range
+from tilewright.hw.overlay import CFG_KINDS, route_fields
+from tilewright.hw.tileunit import N_S2MM
+from tilewright.sw.asm import Program
+from tilewright.sw.quantize import block_mask
+from tilewright.sw.tile_compiler import ConvLayer, output_shape
+
+__all__ = [
+    "LOCK_IN",
+    "LOCK_OFULL",
+    "LOCK_WEMPTY",
+    "LOCK_WFULL",
+    "ArrayJob",
+    "ArrayLayer",
+    "Chunk",
+    "TilePlan",
+    "compile_conv_array",
+]
+
+#: Tile locks of the array dataflow.
+LOCK_IN = 0
+LOCK_WFULL = (1, 2)
+LOCK_WEMPTY = (3, 4)
+LOCK_OFULL = (5, 6)
+#: Tile DMA channel numbers (``bd_ch``): S2MM 0 activations, S2MM 1/2 weight buses, MM2S.
+CH_ACT = 0
+CH_W = (1, 2)
+CH_OUT = (N_S2MM, N_S2MM + 1)
+#: Buffer descriptors per tile channel (TileUnit default).
+TILE_BDS = 16
+#: Largest size of one BD dimension.
+_DIM_MAX = (1 << 16) - 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _align(a: int, n: int) -> int:
+    return _cdiv(a, n) * n
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive block rows of one column's job (one weight packet)."""
+
+    rows: list[int]              # global block rows (output channel groups)
+    q_words: int                 # requantisation records, padded to the block
+    w_words: int                 # weight lines
+    first: int                   # index of rows[0] among the column's job rows
+
+    @property
+    def words(self) -> int:
+        return self.q_words + self.w_words
+
+
+@dataclass
+class TilePlan:
+    """One tile's part of a job.
+
+    Attributes
+    ----------
+    r, c : int
+        Array position.
+    rows : (int, int)
+        Output rows ``[h0, h1)`` (empty: the tile only halts).
+    program : list[int]
+    dm : dict[int, int]
+        Data-memory words the configuration writes (packet headers of the outputs).
+    bds : dict[int, list[BufferDescriptor]]
+        Per channel (``bd_ch``) its BDs, index = position; a task starts at BD 0.
+    locks : dict[int, int]
+        Initial lock values.
+    regions : dict[str, tuple[int, int]]
+        ``name -> (first word, words)``: ``wbuf0``, ``wbuf1``, ``in``, ``out``.
+    """
+
+    r: int
+    c: int
+    rows: tuple[int, int]
+    program: list[int] = field(default_factory=list)
+    dm: dict[int, int] = field(default_factory=dict)
+    bds: dict[int, list[BufferDescriptor]] = field(default_factory=dict)
+    locks: dict[int, int] = field(default_factory=dict)
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ArrayJob:
+    """One overlay run of a layer.
+
+    Attributes
+    ----------
+    tiles : list[TilePlan]
+        Row-major.
+    shim_bds : dict[int, dict[int, list[BufferDescriptor]]]
+        Per column, per read channel, its BDs (a task starts at BD 0).
+    col_rows : list[list[int]]
+        Per column, the block rows this job computes.
+    row_ranges : list[tuple[int, int]]
+        Per tile row, its output rows.
+    chunks : list[list[Chunk]]
+        Per column, its weight chunks in stream order.
+    stream_words : dict[tuple[int, int], int]
+        Words each (column, read channel) reads: headers included, padding excluded.
+    """
+
+    index: int
+    tiles: list[TilePlan]
+    shim_bds: dict[int, dict[int, list[BufferDescriptor]]]
+    col_rows: list[list[int]]
+    row_ranges: list[tuple[int, int]]
+    chunks: list[list[Chunk]]
+    stream_words: dict[tuple[int, int], int] = field(default_factory=dict)
+    act_words: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def records(self, cfg: OverlayConfig) -> list:
+        """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
+        CfgRecord`), in a safe order: programs, memory constants, locks, BDs, then tasks."""
+        from tilewright.sim.overlay_sim import CfgRecord
+
+        R, C = cfg.array.rows, cfg.array.cols
+        out: list[CfgRecord] = []
+        tasks: list[CfgRecord] = []
+        for t in self.tiles:
+            u = t.r * C + t.c
+            out += [CfgRecord(CFG_KINDS["pm"], u, 0, a, w) for a, w in enumerate(t.program)]
+            out += [CfgRecord(CFG_KINDS["dm"], u, 0, a, w) for a, w in sorted(t.dm.items())]
+            out += [CfgRecord(CFG_KINDS["lock"], u, 0, i, v) for i, v in sorted(t.locks.items())]
+            for ch, bds in sorted(t.bds.items()):
+                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, bd.encode())
+                        for i, bd in enumerate(bds)]
+                if bds:
+                    tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
+        for c, chans in sorted(self.shim_bds.items()):
+            u = R * C + c
+            for ch, bds in sorted(chans.items()):
+                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, bd.encode())
+                        for i, bd in enumerate(bds)]
+                if bds:
+                    tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
+        return out + tasks
+
+
+@dataclass
+class ArrayLayer:
+    """A layer compiled for an overlay.
+
+    Attributes
+    ----------
+    ddr : numpy.ndarray
+        The DDR image (unsigned words), input and weight streams filled, output zero.
+    in_region, out_region : (int, int)
+        ``(first word, words)`` of the input and output tensors.
+    out_shape : (int, int, int)
+    jobs : list[ArrayJob]
+    macs : int
+        Dense multiply-accumulates of the layer.
+    nnz_blocks : int
+    ddr_bytes_min : int
+        Every non-zero weight with its metadata (block index and per-channel bias and
+        multiplier), the input and the output, each once.
+    """
+
+    name: str
+    cfg: OverlayConfig
+    ddr: np.ndarray
+    in_region: tuple[int, int]
+    out_region: tuple[int, int]
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    jobs: list[ArrayJob]
+    macs: int
+    nnz_blocks: int
+    ddr_bytes_min: int
+    kernel: tuple[int, int]
+    stride: int
+
+    def job_output_index(self, job: ArrayJob) -> np.ndarray:
+        """Word offsets (in the output region) that ``job`` writes."""
+        _, ho, wo = self.out_shape
+        idx = []
+        for rows in job.col_rows:
+            for g in rows:
+                for h0, h1 in job.row_ranges:
+                    if h1 > h0:
+                        idx.append(np.arange(g * ho * wo + h0 * wo, g * ho * wo + h1 * wo))
+        return np.concatenate(idx) if idx else np.zeros(0, np.int64)
+
+    def merge_outputs(self, dumps: list[np.ndarray]) -> np.ndarray:
+        """The output region from per-job dumps (job ``i`` ran on a fresh DDR image and wrote
+        only its part)."""
+        out = np.zeros(self.out_region[1], dtype=np.uint64)
+        for job, d in zip(self.jobs, dumps, strict=True):
+            k = self.job_output_index(job)
+            out[k] = np.asarray(d, dtype=np.uint64)[k]
+        return out
+
+    def read_output(self, out_words: np.ndarray) -> np.ndarray:
+        """The int8 ``(C, Ho, Wo)`` output from the output region's words."""
+        b = self.cfg.tile.block
+        c, ho, wo = self.out_shape
+        g = _cdiv(c, b)
+        raw = np.asarray(out_words, dtype=np.uint64)[:g * ho * wo]
+        by = raw.astype("<u8").view(np.uint8).reshape(g, ho, wo, 8)[..., :b]
+        return np.ascontiguousarray(by.view(np.int8).transpose(0, 3, 1, 2)
+                                    .reshape(g * b, ho, wo)[:c])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _words_of(raw: np.ndarray, b: int) -> np.ndarray:
+    """uint8 bytes (multiple of b) -> unsigned words (uint64) of b bytes, little-endian."""
+    by = np.asarray(raw, dtype=np.uint8).reshape(-1, b)
+    pad = np.zeros((by.shape[0], 8), dtype=np.uint8)
+    pad[:, :b] = by
+    return pad.view("<u8").reshape(-1).astype(np.uint64)
+
+
+def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
+    """Deal block rows to columns: densest first, each to the least-loaded column (ties: the
+    column with fewer rows, then the lower index); each column's rows in ascending order."""
+    loads = [0] * cols
+    counts = [0] * cols
+    out: list[list[int]] = [[] for _ in range(cols)]
+    cap = _cdiv(len(nnz), cols)
+    for g in sorted(range(len(nnz)), key=lambda g: (-int(nnz[g]), g)):
+        c = min((c for c in range(cols) if counts[c] < cap),
+                key=lambda c: (loads[c], counts[c], c))
+        out[c].append(g)
+        loads[c] += int(nnz[g]) + 1
+        counts[c] += 1
+    return [sorted(rows) for rows in out]
+
+
+def _split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n, parts)
+    out, h = [], 0
+    for p in range(parts):
+        k = base + (1 if p < extra else 0)
+        out.append((h, h + k))
+        h += k
+    return out
+
+
+def _linear_bds(base: int, words: int, **kw) -> list[BufferDescriptor]:
+    """BDs covering ``words`` consecutive words from ``base`` (chained by the caller)."""
+    out = []
+    while words > 0:
+        if words <= _DIM_MAX:
+            out.append(BufferDescriptor(base, (words,), (1,), **kw))
+            break
+        n1 = min(words // 32768, _DIM_MAX)
+        out.append(BufferDescriptor(base, (32768, n1), (1, 32768), **kw))
+        base += 32768 * n1
+        words -= 32768 * n1
+    return out
+
+
+def _chain(bds: list[BufferDescriptor], first: int = 0) -> list[BufferDescriptor]:
+    """Chain ``bds`` in order (BD i at index first + i continues with i + 1)."""
+    out = []
+    for i, bd in enumerate(bds):
+        nxt = first + i + 1 if i + 1 < len(bds) else None
+        out.append(BufferDescriptor(bd.base, bd.sizes, bd.strides, bd.pad_before,
+                                    bd.pad_after, nxt, bd.acquire, bd.release))
+    return out
+
+
+@dataclass
+class _Geometry:
+    cin: int
+    h: int
+    w: int
+    cout: int
+    ho: int
+    wo: int
+    kh: int
+    kw: int
+    s: int
+    ph: int
+    pw: int
+    gin: int
+    gout: int
+
+    def rows_in(self, rows: int) -> int:
+        return (rows - 1) * self.s + self.kh if rows else 0
+
+    @property
+    def wp(self) -> int:
+        return self.w + 2 * self.pw
+
+
+def _tile_words(geo: _Geometry, rows: int, n_out_rows: int, b: int) -> tuple[int, int]:
+    """(input slice words, output region words) of a tile with ``rows`` output rows and
+    ``n_out_rows`` block rows."""
+    if rows == 0:
+        return 0, 0
+    return geo.gin * geo.rows_in(rows) * geo.wp, n_out_rows * (rows * geo.wo + 1)
+
+
+def _chunks(rows: list[int], per_row: list[int], cap: int, b: int, qrec: int,
+            max_chunks: int) -> list[Chunk] | None:
+    """Greedy chunks of ``rows`` (weight words ``per_row``) no larger than ``cap`` words."""
+    out: list[Chunk] = []
+    cur: list[int] = []
+    w = 0
+    for i, (g, ww) in enumerate(zip(rows, per_row, strict=True)):
+        q_new = _align((len(cur) + 1) * qrec, b)
+        if cur and q_new + w + ww > cap:
+            out.append(Chunk(cur, _align(len(cur) * qrec, b), w, i - len(cur)))
+            cur, w = [], 0
+            q_new = _align(qrec, b)
+        if q_new + ww > cap:
+            return None
+        cur.append(g)
+        w += ww
+    if cur:
+        out.append(Chunk(cur, _align(len(cur) * qrec, b), w, len(rows) - len(cur)))
+    return out if len(out) <= max_chunks else None
+
+
+def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
+                       name: str | None = None) -> ArrayLayer:
+    """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
+
+    Parameters
+    ----------
+    layer : ConvLayer
+        The quantised layer (its zero 8x8 blocks are skipped).
+    x : numpy.ndarray
+        int8 input ``(Cin, H, W)`` (linear: ``(Cin,)``).
+    cfg : OverlayConfig
+
+    Raises
+    ------
+    ValueError
+        If the layer cannot run on the array (the message says which capacity is short).
+    """
+    if not isinstance(layer, ConvLayer):
+        raise TypeError(f"layer must be a ConvLayer, not {type(layer).__name__}")
+    if not isinstance(cfg, OverlayConfig):
+        raise TypeError(f"cfg must be an OverlayConfig, not {cfg!r}")
+    t = cfg.tile
+    b = t.block
+    R, C = cfg.array.rows, cfg.array.cols
+    rf = route_fields(cfg)
+    lname = name or layer.name
+    xa = np.asarray(x)
+    if xa.dtype != np.int8:
+        raise TypeError(f"layer {lname!r}: input must be int8, not {xa.dtype}")
+    if layer.is_linear and xa.ndim == 1:
+        xa = xa.reshape(-1, 1, 1)
+    cout, ho, wo = output_shape(layer, xa.shape)
+    cin, h, w = xa.shape
+    (kh, kw), s, (ph, pw) = layer.kernel, layer.stride, layer.padding
+    geo = _Geometry(cin, h, w, cout, ho, wo, kh, kw, s, ph, pw, _cdiv(cin, b), _cdiv(cout, b))
+    mask = block_mask(layer.weight, b)                      # (gout, gin)
+    nnz_row = mask.sum(axis=1)
+    taps = kh * kw
+    w_words_row = [int(n) * taps * b for n in nnz_row]
+    qrec = t.qrec_words
+
+    # ---- DDR: input and output tensors ----------------------------------------------------
+    xin = np.zeros((geo.gin * b, h, w), dtype=np.int8)
+    xin[:cin] = xa
+    in_words = _words_of(xin.reshape(geo.gin, b, h, w).transpose(0, 2, 3, 1)
+                         .reshape(-1).view(np.uint8), b)
+    in_base, out_base = 0, in_words.size
+    out_words = geo.gout * ho * wo
+    chunks_of_ddr: list[np.ndarray] = [in_words, np.zeros(out_words, dtype=np.uint64)]
+    ddr_top = out_base + out_words
+
+    def put(words: np.ndarray) -> int:
+        nonlocal ddr_top
+        base = ddr_top
+        chunks_of_ddr.append(np.asarray(words, dtype=np.uint64))
+        ddr_top += len(words)
+        return base
+
+    # ---- partition ---------------------------------------------------------------------------
+    col_rows_all = _balance(nnz_row, C)
+    best = None
+    for n_rsplit in range(1, ho + 1):
+        for n_gsplit in range(1, geo.gout + 1):
+            plan = _try_plan(geo, col_rows_all, w_words_row, n_rsplit, n_gsplit, R, t, qrec)
+            if plan is not None:
+                cost = (n_rsplit - 1) * sum(w_words_row) + (n_gsplit - 1) * in_words.size
+                if best is None or cost < best[0]:
+                    best = (cost, plan)
+            if best is not None and n_gsplit > 1 and best[0] == 0:
+                break
+        if best is not None:
+            break
+    if best is None:
+        biggest = max(w_words_row) + _align(qrec, b)
+        raise ValueError(
+            f"layer {lname!r} ({cin}->{cout}, {kh}x{kw}, {h}x{w}) does not fit {cfg.name}'s "
+            f"tiles: one block row needs {biggest * b} bytes of weights and requantisation "
+            f"records, twice (ping/pong), plus an input slice and its output, in "
+            f"{t.dmem_bytes} bytes; an input-channel split with int32 partial sums would be "
+            f"needed")
+    jobs_spec = best[1]
+
+    jobs: list[ArrayJob] = []
+    for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
+        job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
+                         in_base, out_base, put)
+        jobs.append(job)
+
+    ddr = np.concatenate(chunks_of_ddr) if chunks_of_ddr else np.zeros(0, np.uint64)
+    if b < 8:
+        ddr &= np.uint64((1 << (8 * b)) - 1)
+    nnz = int(mask.sum())
+    macs = cout * cin * kh * kw * ho * wo
+    ddr_min = (nnz * taps * b * b + nnz * 2 + cout * 8 + cin * h * w + cout * ho * wo)
+    return ArrayLayer(lname, cfg, ddr, (in_base, in_words.size), (out_base, out_words),
+                      (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s)
+
+
+def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[int],
+              n_rsplit: int, n_gsplit: int, R: int, t, qrec: int):
+    """Jobs for ``n_rsplit`` parts of the output rows x ``n_gsplit`` parts of every column's
+    block rows, or None if a job does not fit a tile."""
+    b = t.block
+    jobs = []
+    for rpart in _split_rows(geo.ho, n_rsplit):
+        if rpart[1] == rpart[0]:
+            continue
+        tile_ranges = [(rpart[0] + a, rpart[0] + z)
+                       for a, z in _split_rows(rpart[1] - rpart[0], R)]
+        max_rows = max(z - a for a, z in tile_ranges)
+        for gp in range(n_gsplit):
+            col_rows = []
+            for rows in col_rows_all:
+                parts = _split_rows(len(rows), n_gsplit)
+                a, z = parts[gp]
+                col_rows.append(rows[a:z])
+            if not any(col_rows):
+                continue
+            chunks = []
+            layout = []
+            for rows in col_rows:
+                in_w, out_w = _tile_words(geo, max_rows, len(rows), b)
+                free = t.dmem_words - in_w - out_w
+                cap = (free // 2) // 8 * 8
+                if not rows:
+                    chunks.append([])
+                    layout.append((0, 0, 0))
+                    continue
+                if cap <= 0:
+                    return None
+                ch = _chunks(rows, [w_words_row[g] for g in rows], cap, b, qrec, TILE_BDS)
+                if ch is None:
+                    return None
+                chunks.append(ch)
+                layout.append((cap, in_w, out_w))
+            jobs.append((tile_ranges, col_rows, chunks, layout))
+    return jobs
+
+
+def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
+               row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
+               chunks: list[list[Chunk]], layout: list[tuple[int, int, int]], rf,
+               in_base: int, out_base: int, put) -> ArrayJob:
+    t = cfg.tile
+    b = t.block
+    R, C = cfg.array.rows, cfg.array.cols
+    mask = block_mask(layer.weight, b)
+    active_rows = [r for r in range(R) if row_ranges[r][1] > row_ranges[r][0]]
+    tile_mask = sum(1 << r for r in active_rows)
+
+    # ---- weight streams: one packet per chunk, bus k % 2 -----------------------------------
+    shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
+                                                            for c in range(C)}
+    stream_words: dict[tuple[int, int], int] = {}
+    wlines = _weight_lines_all(layer, b)
+    qbytes = _qbytes_all(layer, b, t.qrec_words)
+    weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
+    for c in range(C):
+        per_bus: list[list[np.ndarray]] = [[], []]
+        for k, chk in enumerate(chunks[c]):
+            body = [np.concatenate([qbytes[g] for g in chk.rows]).view(np.uint8)]
+            pad_q = chk.q_words * b - sum(qbytes[g].size for g in chk.rows)
+            if pad_q:
+                body.append(np.zeros(pad_q, dtype=np.uint8))
+            body += [wlines[g] for g in chk.rows]
+            payload = _words_of(np.concatenate(body), b)
+            assert payload.size == chk.words
+            hdr = np.array([chk.words | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64)
+            per_bus[k % 2].append(np.concatenate([hdr, payload]))
+        for bus in (0, 1):
+            if not per_bus[bus]:
+                continue
+            words = np.concatenate(per_bus[bus])
+            base = put(words)
+            weight_bds[(c, bus)] = _linear_bds(base, words.size)
+            stream_words[(c, bus)] = stream_words.get((c, bus), 0) + int(words.size)
+
+    # ---- activation slices: tile row r's slice on column r % C's read channel 1 -----------
+    act_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
+    act_words: dict[int, tuple[int, int]] = {}
+    for r in active_rows:
+        h0, h1 = row_ranges[r]
+        rows_in = geo.rows_in(h1 - h0)
+        a0 = h0 * geo.s - geo.ph                     # first input row (image coordinates)
+        y0, y1 = max(a0, 0), min(a0 + rows_in, geo.h)
+        pad_top, pad_bot = y0 - a0, a0 + rows_in - y1
+        n_words = geo.gin * rows_in * geo.wp
+        hdr = np.array([n_words | (1 << (rf.row + r))], dtype=np.uint64)
+        hbase = put(hdr)
+        c, ch = r % C, 1 if cfg.ddr.read_channels > 1 else 0
+        if y1 > y0:
+            slice_bd = BufferDescriptor(in_base + y0 * geo.w, (geo.w, y1 - y0, geo.gin),
+                                        (1, geo.w, geo.h * geo.w), (geo.pw, pad_top, 0),
+                                        (geo.pw, pad_bot, 0))
+        else:   # only padding (cannot happen for a valid conv, kept for safety)
+            raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input row")
+        act_bds.setdefault((c, ch), []).extend(
+            [BufferDescriptor(hbase, (1,), (1,)), slice_bd])
+        act_words[r] = (1 + geo.gin * (y1 - y0) * geo.w, 1 + n_words)
+        stream_words[(c, ch)] = stream_words.get((c, ch), 0) + act_words[r][0]
+
+    for c in range(C):
+        for ch in (0, 1):
+            bds = act_bds.get((c, ch), []) + weight_bds.get((c, ch), [])
+            if len(bds) > cfg.ddr.bds_per_channel:
+                raise ValueError(f"layer {layer.name!r}: column {c} read channel {ch} needs "
+                                 f"{len(bds)} BDs, the shim has {cfg.ddr.bds_per_channel}")
+            shim_bds[c][ch] = _chain(bds)
+
+    # ---- tiles ---------------------------------------------------------------------------------
+    tiles: list[TilePlan] = []
+    for r in range(R):
+        for c in range(C):
+            tp = TilePlan(r, c, row_ranges[r])
+            h0, h1 = row_ranges[r]
+            rows = col_rows[c]
+            if h1 == h0 or not rows:
+                tp.program = Program().halt().words
+                tiles.append(tp)
+                continue
+            nrows = h1 - h0
+            cap, _, _ = layout[c]
+            in_w, out_w = _tile_words(geo, nrows, len(rows), b)
+            wbuf = (0, cap)
+            inb = 2 * cap
+            outb = inb + in_w
+            assert outb + out_w <= t.dmem_words
+            rows_in = geo.rows_in(nrows)
+            out_cg = nrows * geo.wo + 1
+            tp.regions = {"wbuf0": (0, cap), "wbuf1": (cap, cap), "in": (inb, in_w),
+                          "out": (outb, out_w)}
+            for j, g in enumerate(rows):
+                addr = out_base + g * geo.ho * geo.wo + h0 * geo.wo
+                tp.dm[outb + j * out_cg] = (nrows * geo.wo) | (addr << 16)
+            params = {"IN_BASE": inb, "IN_ROW": geo.wp, "IN_CG": rows_in * geo.wp,
+                      "OUT_ROW": geo.wo, "OUT_CG": out_cg, "HO": nrows, "WO": geo.wo,
+                      "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "SHIFT": layer.shift}
+            for key, v in params.items():
+                if not param_range(Param[key], t).accepts(v):
+                    raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
+                                     f"= {v} is outside what the tile accepts "
+                                     f"({param_range(Param[key], t).describe()})")
+            p = Program().setps(**params).acquire(LOCK_IN)
+            for k, chk in enumerate(chunks[c]):
+                bus = k % 2
+                p.acquire(LOCK_WFULL[bus])
+                p.setps(Q_PTR=wbuf[bus], W_PTR=wbuf[bus] + chk.q_words,
+                        OUT_BASE=outb + chk.first * out_cg + 1)
+                for g in chk.rows:
+                    p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
+                p.nop(fence=True).release(LOCK_WEMPTY[bus]).release(LOCK_OFULL[bus])
+            tp.program = p.halt().words
+            if len(tp.program) > t.pmem_words:
+                raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
+                                 f"{len(tp.program)} words, program memory holds "
+                                 f"{t.pmem_words}")
+            tp.locks = {LOCK_WEMPTY[0]: 1, LOCK_WEMPTY[1]: 1}
+            tp.bds[CH_ACT] = _chain([BufferDescriptor(
+                inb, (geo.wp, rows_in, geo.gin), (1, geo.wp, rows_in * geo.wp),
+                release=LockAction(LOCK_IN, 1))])
+            for bus in (0, 1):
+                wl = [BufferDescriptor(wbuf[bus], (b, chk.words // b), (1, b),
+                                       acquire=LockAction(LOCK_WEMPTY[bus], 1),
+                                       release=LockAction(LOCK_WFULL[bus], 1))
+                      for chk in chunks[c][bus::2]]
+                ol = [BufferDescriptor(outb + chk.first * out_cg,
+                                       (out_cg, len(chk.rows)), (1, out_cg),
+                                       acquire=LockAction(LOCK_OFULL[bus], 1))
+                      for chk in chunks[c][bus::2]]
+                tp.bds[CH_W[bus]] = _chain(wl)
+                tp.bds[CH_OUT[bus]] = _chain(ol)
+            tiles.append(tp)
+    return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks, stream_words,
+                    act_words)
+
+
+def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:
+    """Per block row, the uint8 bytes of its non-zero weight lines (tile_compiler layout)."""
+    w = layer.weight
+    cout, cin, kh, kw = w.shape
+    gout, gin = _cdiv(cout, b), _cdiv(cin, b)
+    full = np.zeros((gout * b, gin * b, kh, kw), dtype=np.int8)
+    full[:cout, :cin] = w
+    mask = block_mask(w, b)
+    out = []
+    for g in range(gout):
+        lines = [full[g * b:(g + 1) * b, j * b:(j + 1) * b].transpose(2, 3, 0, 1).reshape(-1)
+                 for j in np.flatnonzero(mask[g])]
+        out.append(np.concatenate(lines).view(np.uint8) if lines
+                   else np.zeros(0, dtype=np.uint8))
+    return out
+
+
+def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
+    """Per block row, its requantisation record (``qrec_words`` words)."""
+    cout = layer.cout
+    out = []
+    for g in range(_cdiv(cout, b)):
+        rec = np.zeros(qrec_words * b, dtype=np.uint8)
+        n = max(0, min(b, cout - g * b))
+        bb = np.zeros(b, dtype="<i4")
+        mm = np.zeros(b, dtype="<i4")
+        bb[:n] = layer.bias[g * b:g * b + n]
+        mm[:n] = layer.mult[g * b:g * b + n]
+        rec[:4 * b] = bb.view(np.uint8)
+        rec[4 * b:8 * b] = mm.view(np.uint8)
+        out.append(rec)
+    return out
+
