@@ -63,7 +63,7 @@ SHIM_MODULE = "tw_shim"
 #: ``cfg_kind`` values.
 CFG_KINDS = {"pm": 0, "bd": 1, "lock": 2, "dm": 3, "task": 4}
 #: Width of ``st_data``.
-STATUS_BITS = 96
+STATUS_BITS = 128
 
 
 class RouteFields:
@@ -116,7 +116,7 @@ class Overlay(wiring.Component):
         Configuration writes (see the module docstring and :data:`CFG_KINDS`).
     start : In(1), done : Out(1), busy : Out(1), error : Out(1), cycles : Out(32)
         Run control.
-    st_sel : In(8), st_data : Out(96), progress : Out(1)
+    st_sel : In(8), st_data : Out(128), progress : Out(1)
         Status for the watchdog.
     ddr_rd_addr, ddr_rd_re, ddr_rd_new, ddr_rd_ready, ddr_rd_rdata :
         The C x read_channels DDR read ports, packed (port ``c * read_channels + k`` is
@@ -329,13 +329,14 @@ class Overlay(wiring.Component):
                     t.busy, t.done, t.error, t.dma_error, t.dma_busy,
                     Const(0, 12 - N_DMA), t.lock_wait, Const(0, 8 - N_LOCK_PORTS),
                     t.error_code, t.lock_wait_id, Const(0, 40 - 6 * N_LOCK_PORTS),
-                    t.error_pc))
+                    t.error_pc, Const(0, 24 - len(t.error_pc)), t.cycles))
         for c, s in enumerate(shims):
             with m.If(self.st_sel == R * C + c):
                 m.d.comb += self.st_data.eq(Cat(Const(0, 2), s.error, Const(0, 1), s.busy))
         # status word of a tile: busy 0, done 1, error 2, dma_error 3, dma_busy 4.. (one bit
         # per channel: S2MM then MM2S), lock_wait 16.. (core, S2MM, MM2S), error_code 24..31,
-        # lock ids 6 bits each from 32, error_pc from 72; of a shim: error 2, busy 4..
+        # lock ids 6 bits each from 32, error_pc from 72, the tile's cycle counter from 96;
+        # of a shim: error 2, busy 4..
         moving = [t.busy & ~t.lock_wait[0] for t in flat]
         moving += [t.s2mm[k].valid & t.s2mm[k].ready for t in flat for k in range(N_S2MM)]
         moving += [t.mm2s[k].valid & t.mm2s[k].ready for t in flat for k in range(N_MM2S)]

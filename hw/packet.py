@@ -36,7 +36,8 @@ from .datamover import mem_write_signature
 from .locks import check_int
 
 __all__ = [
-    "LEN_BITS", "MAX_PORTS", "DdrWriter", "PacketMerge", "PacketSplit", "StreamBroadcast",
+    "LEN_BITS", "MAX_PORTS", "DdrWriter", "LockingWriter", "PacketMerge", "PacketSplit",
+    "StreamBroadcast",
     "header", "write_header",
 ]
 
@@ -427,4 +428,87 @@ class DdrWriter(wiring.Component):
             pkt.step(self.i.payload)
             with m.If(~pkt.in_packet):
                 m.d.sync += nxt.eq(self.i.payload[LEN_BITS:LEN_BITS + aw])
+        return m
+
+
+class LockingWriter(wiring.Component):
+    """Writes each packet's payload at the address in its header, then releases a lock.
+
+    The tile unit's activation input (S2MM 0): packets from several DDR channels may arrive in
+    any order, because each carries where it goes. Header: ``L = header[15:0]``, word address
+    ``A = header[16:16 + addr_bits]``, lock ``K = header[16 + addr_bits:][:lock_bits]``; the
+    payload goes to ``A, A + 1, ...`` through ``mem``, and once its last word is written the
+    writer releases lock ``K`` by 1 (a header-only packet releases at once) -- the consumer
+    acquires the lock once per packet it waits for.
+
+    Timing: as :class:`DdrWriter`, except that a header waits until the previous packet's
+    writes and release are done, and nothing is taken while a release waits for its grant.
+
+    Members
+    -------
+    i : In(stream.Signature(word_bits))
+    mem : Out(mem_write_signature(addr_bits, word_bits))
+    lock : Out(lock_port_signature(6))
+        Release requests only.
+    busy : Out(1)
+        Inside a packet, a write pending or a release waiting.
+    """
+
+    def __init__(self, word_bits: int, addr_bits: int, lock_bits: int) -> None:
+        from .locks import lock_port_signature
+
+        self.word_bits = _check_word_bits(word_bits)
+        self.addr_bits = check_int("addr_bits", addr_bits, 1, 32)
+        self.lock_bits = check_int("lock_bits", lock_bits, 1, 6)
+        if LEN_BITS + addr_bits + lock_bits > word_bits:
+            raise ValueError(f"a {word_bits}-bit header cannot hold a 16-bit length, "
+                             f"{addr_bits} address bits and {lock_bits} lock bits")
+        super().__init__({
+            "i": In(stream.Signature(word_bits)),
+            "mem": Out(mem_write_signature(addr_bits, word_bits)),
+            "lock": Out(lock_port_signature(6)),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        from .locks import LockOp
+
+        m = Module()
+        aw, lb = self.addr_bits, self.lock_bits
+        pkt = _PacketCounter(m)
+        nxt = Signal(aw, reset_less=True)
+        pending = Signal()
+        last = Signal()                      # the pending write is its packet's last word
+        rel = Signal()                       # a release waits for its grant
+        lock_id = Signal(lb, reset_less=True)
+        wr_addr = Signal(aw, reset_less=True)
+        wr_data = Signal(self.word_bits, reset_less=True)
+        done = pending & self.mem.ready
+        ready = Signal()
+        m.d.comb += ready.eq(~rel & Mux(pkt.in_packet, ~pending | self.mem.ready, ~pending))
+        take = self.i.valid & ready
+        hdr = self.i.payload
+        m.d.comb += [
+            self.mem.we.eq(pending), self.mem.addr.eq(wr_addr), self.mem.wdata.eq(wr_data),
+            self.i.ready.eq(ready),
+            self.lock.req.eq(rel), self.lock.op.eq(LockOp.RELEASE), self.lock.id.eq(lock_id),
+            self.lock.val.eq(1),
+            self.busy.eq(pkt.in_packet | pending | rel),
+        ]
+        with m.If(take & pkt.in_packet):
+            m.d.sync += [pending.eq(1), wr_addr.eq(nxt), wr_data.eq(self.i.payload),
+                         nxt.eq(nxt + 1), last.eq(pkt.left == 1)]
+        with m.Elif(done):
+            m.d.sync += pending.eq(0)
+        with m.If(done & last):
+            m.d.sync += rel.eq(1)
+        with m.If(take & ~pkt.in_packet):
+            m.d.sync += [nxt.eq(hdr[LEN_BITS:LEN_BITS + aw]),
+                         lock_id.eq(hdr[LEN_BITS + aw:LEN_BITS + aw + lb])]
+            with m.If(hdr[:LEN_BITS] == 0):
+                m.d.sync += rel.eq(1)
+        with m.If(rel & self.lock.gnt):
+            m.d.sync += rel.eq(0)
+        with m.If(take):
+            pkt.step(self.i.payload)
         return m

@@ -26,12 +26,16 @@ from .bd import BD_INDEX_BITS, BD_LAYOUT
 from .config import TileConfig
 from .datamover import Datamover
 from .locks import LOCK_ID_BITS, LockUnit
+from .packet import LockingWriter
 from .tile import CONTROL_PORTS, ComputeTile, tile_ports
 
-__all__ = ["CH_BITS", "N_LOCK_PORTS", "N_MM2S", "N_S2MM", "TileUnit", "tileunit_signature"]
+__all__ = ["CH_BITS", "LOCK_BITS", "N_LOCK_PORTS", "N_MM2S", "N_S2MM", "TileUnit",
+           "tileunit_signature"]
 
 N_S2MM = 3
 N_MM2S = 2
+#: Lock-id bits in an activation packet's header (the unit's 16 locks).
+LOCK_BITS = 4
 #: Bits of a channel number (``bd_ch``, the task payload).
 CH_BITS = 3
 #: Requesters on the data memory port: the S2MM channels, the MM2S channels, the host.
@@ -115,12 +119,17 @@ class TileUnit(wiring.Component):
         m = Module()
         m.submodules.core = core = ComputeTile(t)
         m.submodules.locks = locks = LockUnit(self.n_locks, 1 + N_S2MM + N_MM2S)
-        chans: list[Datamover] = []
-        for i in range(N_S2MM + N_MM2S):
+        # channel 0: activations arrive as packets that carry their address and lock (any
+        # order, from any DDR channel); channels 1..: BD-driven datamovers
+        writer = LockingWriter(t.word_bits, t.addr_bits, LOCK_BITS)
+        m.submodules.dma0 = writer
+        chans: list = [writer]
+        for i in range(1, N_S2MM + N_MM2S):
             d = Datamover("s2mm" if i < N_S2MM else "mm2s", addr_bits=t.addr_bits,
                           word_bits=t.word_bits, n_bds=self.n_bds, dims=3)
             m.submodules[f"dma{i}"] = d
             chans.append(d)
+        dms = chans[1:]
 
         # core control and status pass through
         for name in CONTROL_PORTS:
@@ -149,14 +158,16 @@ class TileUnit(wiring.Component):
         for i in range(N_MM2S):
             wiring.connect(m, chans[N_S2MM + i].o, wiring.flipped(self.mm2s[i]))
         task_ch = self.task.payload[BD_INDEX_BITS:]
-        for i, d in enumerate(chans):
+        for i, d in enumerate(dms, start=1):
             m.d.comb += [d.bd_we.eq(self.bd_we & (self.bd_ch == i)), d.bd_addr.eq(self.bd_addr),
                          d.bd_wdata.eq(self.bd_wdata),
                          d.task.payload.eq(self.task.payload[:BD_INDEX_BITS]),
                          d.task.valid.eq(self.task.valid & (task_ch == i))]
-        m.d.comb += self.task.ready.eq(Cat(*[d.task.ready for d in chans]).bit_select(task_ch, 1))
+        # channel 0 takes no BDs or tasks (a task for it is accepted and ignored)
+        m.d.comb += self.task.ready.eq(Cat(1, *[d.task.ready for d in dms])
+                                       .bit_select(task_ch, 1))
         m.d.comb += [self.dma_busy.eq(Cat(*[d.busy for d in chans])),
-                     self.dma_error.eq(Cat(*[d.error for d in chans]).any() | locks.overflow
+                     self.dma_error.eq(Cat(*[d.error for d in dms]).any() | locks.overflow
                                        | locks.bad_id)]
 
         # data memory arbiter: round robin over requesters, advancing on a performed access

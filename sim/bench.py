@@ -167,3 +167,181 @@ def bench_tile(cfg: OverlayConfig, *, sparsities: Sequence[float] = (0.0, 0.5, 0
     result["bit_exact"] = bool(bit_exact)
     result["wall_s"] = round(time.time() - t0, 1)
     return result
+
+
+# Whole layers on an array ---------------------------------------------------------------------
+
+#: torchvision model names and their input sizes.
+MODELS = {"resnet50": 224, "inception_v3": 299, "vgg16": 224}
+LAYER_SPEED_CYCLES = 100_000
+
+
+def _torchvision_model(model: str, seed: int) -> torch.nn.Module:
+    import torchvision
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    torch.manual_seed(seed)
+    kw = {"aux_logits": False, "init_weights": True} if model == "inception_v3" else {}
+    return getattr(torchvision.models, model)(weights=None, **kw).eval()
+
+
+def _bn_after(net: torch.nn.Module, path: str) -> torch.nn.BatchNorm2d | None:
+    """The BatchNorm that follows conv ``path`` in torchvision's naming (``convN`` -> ``bnN``,
+    ``...conv`` -> ``...bn``, ``downsample.0`` -> ``downsample.1``)."""
+    parent, _, leaf = path.rpartition(".")
+    cands = []
+    if leaf.startswith("conv"):
+        cands.append(f"{parent}.bn{leaf[4:]}" if parent else f"bn{leaf[4:]}")
+    if leaf.isdigit():
+        cands.append(f"{parent}.{int(leaf) + 1}")
+    for c in cands:
+        try:
+            m = net.get_submodule(c)
+        except AttributeError:
+            continue
+        if isinstance(m, torch.nn.BatchNorm2d):
+            return m
+    return None
+
+
+def network_layer(model: str, path: str, seed: int = 0
+                  ) -> tuple[torch.nn.Module, torch.Tensor, bool]:
+    """Layer ``path`` of torchvision ``model`` (seeded initialisation) with the following
+    BatchNorm folded in, the float input it sees when the network runs on a seeded random
+    image (batch 1), and whether a ReLU follows it in the network (then it is fused)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = _torchvision_model(model, seed)
+    try:
+        mod = net.get_submodule(path)
+    except AttributeError:
+        convs = [n for n, m in net.named_modules()
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        raise ValueError(f"{model} has no layer {path!r}; its conv and linear layers: "
+                         f"{', '.join(convs[:12])}, ... ({len(convs)} in all)") from None
+    if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+        raise ValueError(f"{model}.{path} is a {type(mod).__name__}; the layer benchmark runs "
+                         f"Conv2d and Linear layers")
+    seen: dict[str, torch.Tensor] = {}
+    handle = mod.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0].detach()))
+    size = MODELS[model]
+    img = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        net(img)
+    handle.remove()
+    x = seen["x"][0]
+    bn = _bn_after(net, path) if isinstance(mod, torch.nn.Conv2d) else None
+    layer = fuse_conv_bn_eval(mod, bn) if bn is not None else mod
+    relu = bn is not None or _relu_follows(net, path)
+    return layer, x, relu
+
+
+def _relu_follows(net: torch.nn.Module, path: str) -> bool:
+    """Whether the module after ``path`` in its parent ``nn.Sequential`` is a ReLU (VGG's
+    classifier)."""
+    parent, _, leaf = path.rpartition(".")
+    if not leaf.isdigit():
+        return False
+    seq = net.get_submodule(parent) if parent else net
+    return (isinstance(seq, torch.nn.Sequential) and int(leaf) + 1 < len(seq)
+            and isinstance(seq[int(leaf) + 1], torch.nn.ReLU))
+
+
+def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "layer3.1.conv2",
+                sparsity: float = 0.0, seed: int = 0, rtl: bool = True,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one layer of a torchvision network on ``cfg``'s array and return its figures.
+
+    The layer (BatchNorm folded, ReLU fused when one follows) is quantised with scales from
+    its float input and output, given exactly ``round(sparsity * blocks)`` zero 8x8 blocks,
+    compiled with :func:`tilewright.sw.array_compiler.compile_conv_array`, run on the overlay
+    model and (``rtl``) on the Verilator RTL, and compared with the PyTorch integer
+    reference.
+    """
+    from tilewright.sim.overlay_model import OverlayModel
+    from tilewright.sw.array_compiler import compile_conv_array
+
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), not {sparsity!r}")
+    t0 = time.time()
+    t = cfg.tile
+    b = t.block
+    mod, xf, relu = network_layer(model, layer, seed)
+    if isinstance(mod, torch.nn.Linear):
+        xf = xf.reshape(-1)
+    with torch.no_grad():
+        yf = mod(xf[None])[0]
+        if relu:
+            yf = torch.relu(yf)
+    s_in, s_out = act_scale(xf), act_scale(yf)
+    xq = quantize_act(xf, s_in)
+    cout = mod.out_features if isinstance(mod, torch.nn.Linear) else mod.out_channels
+    cin = mod.in_features if isinstance(mod, torch.nn.Linear) else mod.in_channels
+    rng = np.random.default_rng(seed)
+    mask = random_block_mask(-(-cout // b), -(-cin // b), sparsity, rng)
+    q = quantize_conv(mod, s_in, s_out, relu=relu, mask=mask)
+    ql = ConvLayer.from_quant(q, name=f"{model}.{layer}")
+    _say(progress, f"{model}.{layer}: {tuple(mod.weight.shape)} on input "
+                   f"{tuple(xq.shape)}, sparsity {sparsity:g}; compiling for {cfg.name}")
+    t1 = time.time()
+    al = compile_conv_array(ql, xq.numpy(), cfg)
+    compile_s = time.time() - t1
+    want = reference_output(ql, xq)
+    _say(progress, f"{len(al.jobs)} overlay run(s); running the overlay model...")
+    res = OverlayModel(cfg).run_layer(al)
+    model_exact = bool(np.array_equal(res.output.reshape(want.shape), np.asarray(want)))
+    peak = t.macs_per_cycle * cfg.array.rows * cfg.array.cols
+    out: dict[str, Any] = {
+        "config": cfg.name, "model": model, "layer": layer, "sparsity": sparsity,
+        "weight_shape": list(mod.weight.shape), "input_shape": list(xq.shape),
+        "output_shape": list(al.out_shape), "runs": len(al.jobs),
+        "nnz_blocks": al.nnz_blocks, "macs": al.macs, "peak_macs_per_cycle": peak,
+        "model_cycles": res.cycles, "compile_s": round(compile_s, 2),
+        "ddr_bytes_min": al.ddr_bytes_min,
+    }
+    cycles, rd, wr, exact = res.cycles, res.rd_words, res.wr_words, model_exact
+    if rtl:
+        import json as _json
+
+        from tilewright.sim.overlay_sim import OverlayJob, build_overlay, run_overlay_jobs
+
+        _say(progress, f"building the {cfg.name} overlay in Verilator (cached by "
+                       f"configuration hash)...")
+        tb = time.time()
+        bdir = build_overlay(cfg)
+        cached = time.time() - tb < 5
+        record = _json.loads((bdir / "build.json").read_text())
+        lo, n = al.out_region
+        jobs = [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n)) for j in al.jobs]
+        reps = max(1, -(-LAYER_SPEED_CYCLES // max(res.cycles, 1)))
+        _say(progress, f"running {len(jobs)} run(s) x {reps} in Verilator (repeats time the "
+                       f"simulator over >= {LAYER_SPEED_CYCLES} cycles)...")
+        run = run_overlay_jobs(cfg, jobs * reps)
+        first = run[:len(jobs)]
+        got = al.read_output(al.merge_outputs([r.ddr_out for r in first]))
+        exact = model_exact and bool(np.array_equal(got.reshape(want.shape), np.asarray(want)))
+        exact = exact and all(np.array_equal(r.ddr_out, first[i % len(jobs)].ddr_out)
+                              for i, r in enumerate(run))
+        cycles = sum(r.cycles for r in first)
+        rd, wr = sum(r.rd_words for r in first), sum(r.wr_words for r in first)
+        out.update({"sim_cycles_per_s": round(run.cycles_per_s),
+                    "verilator_build_s": round(record["verilator_build_s"], 1),
+                    "generate_s": round(record["generate_s"], 1),
+                    "verilator_build_cached": cached,
+                    "model_vs_rtl_cycles": round(res.cycles / cycles, 3),
+                    "ddr_words_match_model": rd == res.rd_words and wr == res.wr_words})
+    out.update({
+        "cycles": cycles,
+        "time_us": round(cycles / cfg.clock_mhz, 2),
+        # MACs the engines issue (non-zero blocks, channel padding included) per peak cycle
+        "mac_utilization": round(al.nnz_blocks * b * b * al.kernel[0] * al.kernel[1]
+                                 * al.out_shape[1] * al.out_shape[2] / (cycles * peak), 4),
+        # dense-equivalent MACs per peak cycle (above 1 when sparsity skips work)
+        "effective_mac_utilization": round(al.macs / (cycles * peak), 4),
+        "ddr_bytes": (rd + wr) * b,
+        "ddr_ratio": round((rd + wr) * b / al.ddr_bytes_min, 3),
+        "bit_exact": exact,
+        "wall_s": round(time.time() - t0, 1),
+    })
+    return out

@@ -10,7 +10,8 @@ from its DDR image and configuration, without the compiler's help:
   channel ``k``, row buses, tile masks; headers stripped in front of the tiles), as
   :mod:`tilewright.hw.overlay` wires it;
 * every tile runs its program on the golden model (:class:`tilewright.sim.golden.TileModel`)
-  with a lock hook in which the tile's datamover channels execute their BD chains: an S2MM BD
+  with a lock hook in which the tile's channels act: the activation writer (channel 0) writes
+  each packet at the address in its header and releases the lock named there; an S2MM BD
   fires when its acquire lock allows and its packet has arrived, writes the tile memory and
   releases; an MM2S BD fires when the core releases its lock, reads the memory and sends its
   words to the column's DDR writer, which writes them at the address in the packet header.
@@ -26,6 +27,7 @@ the tiles' golden runs until the start times no longer change.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ from tilewright.hw.bd import BufferDescriptor
 from tilewright.hw.config import OverlayConfig
 from tilewright.hw.isa import ErrorCode
 from tilewright.hw.overlay import route_fields
-from tilewright.hw.tileunit import N_S2MM
+from tilewright.hw.tileunit import LOCK_BITS, N_S2MM
 
 from .dm_model import bd_addresses
 from .golden import DeadlockError, TileModel
@@ -146,8 +148,29 @@ class _TileEnv:
         self.lock_free: dict[int, float] = {}
         self.cur_avail = 0.0
 
+    # -- the activation writer (channel 0): packets carry address and lock -------------------
+    def _writer_step(self, locks: list[int], mem: np.ndarray) -> tuple[float, int] | None:
+        j = self.pkt[0]
+        if j >= len(self.inputs[0]):
+            return None
+        pk = self.inputs[0][j]
+        self.pkt[0] += 1
+        t = self.model.cfg.tile
+        hdr = int(pk.words[0])
+        n, addr = hdr & 0xFFFF, (hdr >> 16) & ((1 << t.addr_bits) - 1)
+        lock = (hdr >> (16 + t.addr_bits)) & ((1 << LOCK_BITS) - 1)
+        words = pk.words[1:1 + n]
+        wv = mem.view(np.uint8).reshape(-1, t.block)
+        wv[addr:addr + n] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :t.block]
+        locks[lock] = min(locks[lock] + 1, 63)
+        self.avail[(self.key, 0, j)] = 0.0
+        return pk.end, lock
+
     # -- S2MM ---------------------------------------------------------------------------------
-    def _s2mm_step(self, ch: int, locks: list[int], mem: np.ndarray, cycle: int) -> float | None:
+    def _s2mm_step(self, ch: int, locks: list[int], mem: np.ndarray,
+                   cycle: int) -> tuple[float, int | None] | None:
+        if ch == 0:
+            return self._writer_step(locks, mem)
         bds = self.tp.bds.get(ch, [])
         i = self.pos[ch]
         if i is None or i >= len(bds):
@@ -168,7 +191,7 @@ class _TileEnv:
         if bd.release is not None:
             locks[bd.release.id] = min(locks[bd.release.id] + bd.release.value, 63)
         self.pos[ch] = bd.next_bd
-        return arrival
+        return arrival, (bd.release.id if bd.release is not None else None)
 
     def _take(self, ch: int, n: int) -> tuple[np.ndarray, float]:
         got, arrival = [], 0.0
@@ -220,21 +243,16 @@ class _TileEnv:
         while locks[lock] < value and progress:
             progress = False
             for ch in range(N_S2MM):
-                arr = self._s2mm_step(ch, locks, mem, cycle)
-                if arr is not None:
+                step = self._s2mm_step(ch, locks, mem, cycle)
+                if step is not None:
                     progress = True
-                    if self._releases(ch) == lock:
-                        t = max(t, arr)
+                    if step[1] == lock:
+                        t = max(t, step[0])
         if locks[lock] < value:
             raise DeadlockError(f"tile ({self.tp.r},{self.tp.c}) waits on lock {lock} for "
                                 f"{value} at cycle {cycle}; no datamover channel can release "
                                 f"it")
         return int(np.ceil(t))
-
-    def _releases(self, ch: int) -> int | None:
-        bds = self.tp.bds.get(ch, [])
-        # every BD of a channel's chain releases the same lock (the compiler's ping/pong)
-        return bds[0].release.id if bds and bds[0].release is not None else None
 
     def release(self, lock: int, value: int, cycle: int, locks: list[int],
                 mem: np.ndarray) -> None:
@@ -363,13 +381,27 @@ class OverlayModel:
 
     def _time_packets(self, chans, dest, avail, step, lat) -> None:
         """Arrival times of every packet: a channel's packets in order, each starting when the
-        previous has left and every destination can take it."""
-        for (c, ch), chan in chans.items():
-            t = float(lat)
-            for p, pk in enumerate(chan.packets):
-                ready = 0.0
-                for tkey, tch, ordinal in dest[(c, ch)][p]:
-                    ready = max(ready, avail.get((tkey, tch, ordinal), 0.0))
-                real, pad = chan.cost[p]
-                t = max(t, ready) + real * step + pad
-                pk.end = t + _PIPE_IN
+        previous has left and every destination can take it; a tile's data-memory port takes
+        one word per cycle, so packets bound for the same tile share it (in start order)."""
+        heap = []
+        for key, chan in chans.items():
+            if chan.packets:
+                heapq.heappush(heap, (float(lat), key, 0))
+        port: dict = {}                      # tile -> cycle its memory port is free
+        while heap:
+            t, key, p = heapq.heappop(heap)
+            chan = chans[key]
+            pk = chan.packets[p]
+            ready = t
+            for tkey, tch, ordinal in dest[key][p]:
+                ready = max(ready, avail.get((tkey, tch, ordinal), 0.0))
+            real, pad = chan.cost[p]
+            n = len(pk.words)
+            end = ready + real * step + pad
+            for tkey, _, _ in dest[key][p]:
+                end = max(end, port.get(tkey, 0.0) + n)
+            for tkey, _, _ in dest[key][p]:
+                port[tkey] = end
+            pk.end = end + _PIPE_IN
+            if p + 1 < len(chan.packets):
+                heapq.heappush(heap, (end, key, p + 1))

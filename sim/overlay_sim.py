@@ -101,6 +101,8 @@ class OverlayResult:
         For a stalled run: who waits on which lock (``tile(r,c) core waits on lock 3``).
     status : list of int
         Every unit's raw status word.
+    tile_cycles : dict of (int, int) to int
+        Each tile's own cycle count from start to its HALT.
     wall_s : float
         Wall-clock seconds of the START phase.
     """
@@ -115,6 +117,7 @@ class OverlayResult:
     ddr_oob: bool
     waits: list[str] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
+    tile_cycles: dict[tuple[int, int], int] = field(default_factory=dict)
     wall_s: float = 0.0
     sim_cycles: int = 0
 
@@ -265,6 +268,9 @@ def run_overlay_jobs(cfg: OverlayConfig, jobs: Sequence[OverlayJob], *,
                             timed_out=r["timed_out"], error=bool(r["error"]),
                             ddr_oob=bool(r["ddr_oob"]), status=status,
                             wall_s=r["start_wall_s"], sim_cycles=r["run_cycles"])
+        C = cfg.array.cols
+        res.tile_cycles = {divmod(u, C): (st >> 96) & 0xFFFFFFFF
+                           for u, st in enumerate(status[:cfg.array.rows * C])}
         if res.stalled or res.timed_out:
             res.waits = _waits(cfg, status)
         run.append(res)

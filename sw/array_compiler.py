@@ -10,16 +10,22 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   columns Procrustes-style: sorted by non-zero blocks, densest first, each to the column with
   the least work so far, so that every column streams about the same number of non-zero
   blocks.
-* **Tile rows split output rows.** Tile row ``r`` computes output rows ``[h0, h1)`` of every
-  block row of its column; its input slice (those rows plus the halo, padded, every input
-  channel group) is read from DDR once, padded on the fly by the shim's descriptor, and
-  broadcast along the tile row (row bus ``r``) to the tiles of every column.
+* **Tile rows split the output image.** Tile row ``r`` computes an output rectangle of every
+  block row of its column (a grid of ``Rh x Rw = rows`` rectangles, chosen so that the
+  largest holds the fewest pixel groups: a row of ``w`` pixels costs ``ceil(w / pixels)``
+  groups); its input slice (the rectangle's input plus the halo, padded, every input channel
+  group) is read from DDR once, padded on the fly by the shim's descriptors, and broadcast
+  along the tile row (row bus ``r``) to the tiles of every column. The slice is cut by input
+  channel groups into parts spread over all the read channels, so that every channel starts
+  with a share of the activations; each part's header carries its tile-memory address and
+  the lock the tile unit's activation writer releases when it has landed.
 * **Weights stream down the columns.** A column's block rows are cut into chunks (several
   block rows: their requantisation records and non-zero weight lines, compacted -- a zero
-  block never crosses DDR or a port). Chunk ``k`` travels as one packet on column bus
-  ``k mod 2`` (read channel ``k mod 2`` of the column's shim), broadcast to every tile of the
-  column, into that tile's weight buffer ``k mod 2``: ping/pong, with locks, so that the next
-  chunk streams in while the core computes on this one.
+  block never crosses DDR or a port). Chunk ``k`` goes into weight buffer ``k mod 2`` of
+  every tile of the column (ping/pong, with locks, so that the next chunk streams in while the
+  core computes on this one); its first half travels on column bus 0 (read channel 0) and its
+  second half on column bus 1 (read channel 1), one broadcast packet each, so both of the
+  column's DDR channels stream every chunk.
 * **Outputs stream back.** After chunk ``k`` the core releases its output lock and MM2S
   channel ``k mod 2`` sends one packet per block row (a header with the DDR address, then the
   tile's rows of that channel group, contiguous in the DDR's channel-group-planar layout).
@@ -96,6 +102,14 @@ class Chunk:
     def words(self) -> int:
         return self.q_words + self.w_words
 
+    def parts(self, b: int) -> list[tuple[int, int]]:
+        """``(offset, words)`` of the chunk's part on column bus 0 and, if any, bus 1: the
+        first and second half, split at a weight line."""
+        half = _align(self.words // 2, b)
+        if half == 0 or half >= self.words:
+            return [(0, self.words)]
+        return [(0, half), (half, self.words - half)]
+
 
 @dataclass
 class TilePlan:
@@ -105,8 +119,8 @@ class TilePlan:
     ----------
     r, c : int
         Array position.
-    rows : (int, int)
-        Output rows ``[h0, h1)`` (empty: the tile only halts).
+    rows : (int, int, int, int)
+        Output rectangle: rows ``[h0, h1)``, columns ``[w0, w1)`` (empty: the tile halts).
     program : list[int]
     dm : dict[int, int]
         Data-memory words the configuration writes (packet headers of the outputs).
@@ -120,7 +134,7 @@ class TilePlan:
 
     r: int
     c: int
-    rows: tuple[int, int]
+    rows: tuple[int, int, int, int]
     program: list[int] = field(default_factory=list)
     dm: dict[int, int] = field(default_factory=dict)
     bds: dict[int, list[BufferDescriptor]] = field(default_factory=dict)
@@ -140,8 +154,8 @@ class ArrayJob:
         Per column, per read channel, its BDs (a task starts at BD 0).
     col_rows : list[list[int]]
         Per column, the block rows this job computes.
-    row_ranges : list[tuple[int, int]]
-        Per tile row, its output rows.
+    row_ranges : list[tuple[int, int, int, int]]
+        Per tile row, its output rectangle ``(h0, h1, w0, w1)``.
     chunks : list[list[Chunk]]
         Per column, its weight chunks in stream order.
     stream_words : dict[tuple[int, int], int]
@@ -152,7 +166,7 @@ class ArrayJob:
     tiles: list[TilePlan]
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]]
     col_rows: list[list[int]]
-    row_ranges: list[tuple[int, int]]
+    row_ranges: list[tuple[int, int, int, int]]
     chunks: list[list[Chunk]]
     stream_words: dict[tuple[int, int], int] = field(default_factory=dict)
     act_words: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -225,9 +239,10 @@ class ArrayLayer:
         idx = []
         for rows in job.col_rows:
             for g in rows:
-                for h0, h1 in job.row_ranges:
-                    if h1 > h0:
-                        idx.append(np.arange(g * ho * wo + h0 * wo, g * ho * wo + h1 * wo))
+                for h0, h1, w0, w1 in job.row_ranges:
+                    for y in range(h0, h1):
+                        idx.append(np.arange(g * ho * wo + y * wo + w0,
+                                             g * ho * wo + y * wo + w1))
         return np.concatenate(idx) if idx else np.zeros(0, np.int64)
 
     def merge_outputs(self, dumps: list[np.ndarray]) -> np.ndarray:
@@ -329,17 +344,52 @@ class _Geometry:
     def rows_in(self, rows: int) -> int:
         return (rows - 1) * self.s + self.kh if rows else 0
 
+    def cols_in(self, cols: int) -> int:
+        return (cols - 1) * self.s + self.kw if cols else 0
+
     @property
     def wp(self) -> int:
         return self.w + 2 * self.pw
 
 
-def _tile_words(geo: _Geometry, rows: int, n_out_rows: int, b: int) -> tuple[int, int]:
-    """(input slice words, output region words) of a tile with ``rows`` output rows and
-    ``n_out_rows`` block rows."""
-    if rows == 0:
+def _out_layout(geo: _Geometry, rows: int, cols: int) -> tuple[int, int, bool]:
+    """(OUT_ROW, OUT_CG, one header per row) of a tile's output region: a full-width
+    rectangle is contiguous in DDR (one packet per block row, its header before the plane);
+    a narrower one needs a packet per output row (a header slot before every row)."""
+    if cols == geo.wo:
+        return cols, rows * cols + 1, False
+    return cols + 1, rows * (cols + 1), True
+
+
+def _tile_words(geo: _Geometry, rows: int, cols: int, n_out_rows: int) -> tuple[int, int]:
+    """(input slice words, output region words) of a tile computing a ``rows x cols`` output
+    rectangle of ``n_out_rows`` block rows."""
+    if rows == 0 or cols == 0:
         return 0, 0
-    return geo.gin * geo.rows_in(rows) * geo.wp, n_out_rows * (rows * geo.wo + 1)
+    return (geo.gin * geo.rows_in(rows) * geo.cols_in(cols),
+            n_out_rows * _out_layout(geo, rows, cols)[1])
+
+
+def _rectangles(geo: _Geometry, h0: int, h1: int, R: int, pixels: int
+                ) -> list[tuple[int, int, int, int]]:
+    """Split output rows ``[h0, h1)`` x all columns into ``R`` rectangles (one per tile row):
+    the grid ``Rh x Rw = R`` with the fewest pixel groups in the largest rectangle (the
+    engine computes ``ceil(cols / pixels)`` groups per row), then the least input."""
+    best = None
+    for rh in range(1, R + 1):
+        if R % rh:
+            continue
+        rw = R // rh
+        hs = _split_rows(h1 - h0, rh)
+        ws = _split_rows(geo.wo, rw)
+        groups = max(hb - ha for ha, hb in hs) * max(-(-(wb - wa) // pixels) for wa, wb in ws)
+        inputs = sum(geo.rows_in(hb - ha) * geo.cols_in(wb - wa) for ha, hb in hs
+                     for wa, wb in ws)
+        key = (groups, inputs, rh)
+        if best is None or key < best[0]:
+            best = (key, [(h0 + ha, h0 + hb, wa, wb) for ha, hb in hs for wa, wb in ws])
+    assert best is not None
+    return best[1]
 
 
 def _chunks(rows: list[int], per_row: list[int], cap: int, b: int, qrec: int,
@@ -470,9 +520,9 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
     for rpart in _split_rows(geo.ho, n_rsplit):
         if rpart[1] == rpart[0]:
             continue
-        tile_ranges = [(rpart[0] + a, rpart[0] + z)
-                       for a, z in _split_rows(rpart[1] - rpart[0], R)]
-        max_rows = max(z - a for a, z in tile_ranges)
+        tile_ranges = _rectangles(geo, rpart[0], rpart[1], R, t.pixels)
+        max_rows = max(h1 - h0 for h0, h1, _, _ in tile_ranges)
+        max_cols = max(w1 - w0 for _, _, w0, w1 in tile_ranges)
         for gp in range(n_gsplit):
             col_rows = []
             for rows in col_rows_all:
@@ -484,9 +534,9 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
             chunks = []
             layout = []
             for rows in col_rows:
-                in_w, out_w = _tile_words(geo, max_rows, len(rows), b)
-                free = t.dmem_words - in_w - out_w
-                cap = (free // 2) // 8 * 8
+                in_w, out_w = _tile_words(geo, max_rows, max_cols, len(rows))
+                free = t.dmem_words - _align(in_w, 8 * b) - out_w
+                cap = (free // 2) // (8 * b) * (8 * b)
                 if not rows:
                     chunks.append([])
                     layout.append((0, 0, 0))
@@ -510,10 +560,12 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     b = t.block
     R, C = cfg.array.rows, cfg.array.cols
     mask = block_mask(layer.weight, b)
-    active_rows = [r for r in range(R) if row_ranges[r][1] > row_ranges[r][0]]
+    active_rows = [r for r in range(R) if row_ranges[r][1] > row_ranges[r][0]
+                   and row_ranges[r][3] > row_ranges[r][2]]
     tile_mask = sum(1 << r for r in active_rows)
 
-    # ---- weight streams: one packet per chunk, bus k % 2 -----------------------------------
+    # ---- weight streams: chunk k into buffer k % 2, its first half on bus 0, the second
+    # half on bus 1 (both of the column's read channels stream every chunk) --------------------
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
     stream_words: dict[tuple[int, int], int] = {}
@@ -522,7 +574,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
     for c in range(C):
         per_bus: list[list[np.ndarray]] = [[], []]
-        for k, chk in enumerate(chunks[c]):
+        for chk in chunks[c]:
             body = [np.concatenate([qbytes[g] for g in chk.rows]).view(np.uint8)]
             pad_q = chk.q_words * b - sum(qbytes[g].size for g in chk.rows)
             if pad_q:
@@ -530,8 +582,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             body += [wlines[g] for g in chk.rows]
             payload = _words_of(np.concatenate(body), b)
             assert payload.size == chk.words
-            hdr = np.array([chk.words | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64)
-            per_bus[k % 2].append(np.concatenate([hdr, payload]))
+            for bus, (off, n) in enumerate(chk.parts(b)):
+                hdr = np.array([n | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64)
+                per_bus[bus].append(np.concatenate([hdr, payload[off:off + n]]))
         for bus in (0, 1):
             if not per_bus[bus]:
                 continue
@@ -540,29 +593,46 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             weight_bds[(c, bus)] = _linear_bds(base, words.size)
             stream_words[(c, bus)] = stream_words.get((c, bus), 0) + int(words.size)
 
-    # ---- activation slices: tile row r's slice on column r % C's read channel 1 -----------
+    # ---- activation slices: tile row r's slice, cut by input channel groups into parts
+    # spread over all read channels (first in each channel's stream); each part carries its
+    # tile-memory address and LOCK_IN, so the parts may arrive in any order -------------------
     act_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
     act_words: dict[int, tuple[int, int]] = {}
+    act_parts: dict[int, int] = {}
+    chans = [(c, ch) for ch in range(min(2, cfg.ddr.read_channels)) for c in range(C)]
+    nparts = max(1, len(chans) // max(1, len(active_rows)))
+    turn = 0
+    aw = t.addr_bits
     for r in active_rows:
-        h0, h1 = row_ranges[r]
-        rows_in = geo.rows_in(h1 - h0)
+        h0, h1, w0, w1 = row_ranges[r]
+        rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
         a0 = h0 * geo.s - geo.ph                     # first input row (image coordinates)
         y0, y1 = max(a0, 0), min(a0 + rows_in, geo.h)
         pad_top, pad_bot = y0 - a0, a0 + rows_in - y1
-        n_words = geo.gin * rows_in * geo.wp
-        hdr = np.array([n_words | (1 << (rf.row + r))], dtype=np.uint64)
-        hbase = put(hdr)
-        c, ch = r % C, 1 if cfg.ddr.read_channels > 1 else 0
-        if y1 > y0:
-            slice_bd = BufferDescriptor(in_base + y0 * geo.w, (geo.w, y1 - y0, geo.gin),
-                                        (1, geo.w, geo.h * geo.w), (geo.pw, pad_top, 0),
-                                        (geo.pw, pad_bot, 0))
-        else:   # only padding (cannot happen for a valid conv, kept for safety)
-            raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input row")
-        act_bds.setdefault((c, ch), []).extend(
-            [BufferDescriptor(hbase, (1,), (1,)), slice_bd])
-        act_words[r] = (1 + geo.gin * (y1 - y0) * geo.w, 1 + n_words)
-        stream_words[(c, ch)] = stream_words.get((c, ch), 0) + act_words[r][0]
+        b0 = w0 * geo.s - geo.pw                     # first input column
+        x0, x1 = max(b0, 0), min(b0 + cols_in, geo.w)
+        pad_l, pad_r = x0 - b0, b0 + cols_in - x1
+        if not (y1 > y0 and x1 > x0):
+            raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input pixel")
+        plane = rows_in * cols_in
+        groups = [p for p in _split_rows(geo.gin, min(nparts, geo.gin)) if p[1] > p[0]]
+        act_parts[r] = len(groups)
+        real = 0
+        for g0, g1 in groups:
+            n_words = (g1 - g0) * plane
+            route = (1 + n_words) | (1 << (rf.row + r))
+            write = n_words | (g0 * plane << 16) | (LOCK_IN << (16 + aw))
+            hbase = put(np.array([route, write], dtype=np.uint64))
+            part = BufferDescriptor(in_base + g0 * geo.h * geo.w + y0 * geo.w + x0,
+                                    (x1 - x0, y1 - y0, g1 - g0), (1, geo.w, geo.h * geo.w),
+                                    (pad_l, pad_top, 0), (pad_r, pad_bot, 0))
+            key = chans[turn % len(chans)]
+            turn += 1
+            act_bds.setdefault(key, []).extend([BufferDescriptor(hbase, (2,), (1,)), part])
+            n_real = 2 + (g1 - g0) * (y1 - y0) * (x1 - x0)
+            real += n_real
+            stream_words[key] = stream_words.get(key, 0) + n_real
+        act_words[r] = (real, 2 * len(groups) + geo.gin * plane)
 
     for c in range(C):
         for ch in (0, 1):
@@ -577,57 +647,63 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     for r in range(R):
         for c in range(C):
             tp = TilePlan(r, c, row_ranges[r])
-            h0, h1 = row_ranges[r]
+            h0, h1, w0, w1 = row_ranges[r]
             rows = col_rows[c]
-            if h1 == h0 or not rows:
+            if h1 == h0 or w1 == w0 or not rows:
                 tp.program = Program().halt().words
                 tiles.append(tp)
                 continue
-            nrows = h1 - h0
-            cap, _, _ = layout[c]
-            in_w, out_w = _tile_words(geo, nrows, len(rows), b)
-            wbuf = (0, cap)
-            inb = 2 * cap
-            outb = inb + in_w
+            nrows, ncols = h1 - h0, w1 - w0
+            cap, in_max, _ = layout[c]
+            in_w, out_w = _tile_words(geo, nrows, ncols, len(rows))
+            # the input slice at 0 in every tile (a row bus packet carries one address)
+            inb = 0
+            wbuf = (_align(in_max, 8 * b), _align(in_max, 8 * b) + cap)
+            outb = wbuf[1] + cap
             assert outb + out_w <= t.dmem_words
-            rows_in = geo.rows_in(nrows)
-            out_cg = nrows * geo.wo + 1
-            tp.regions = {"wbuf0": (0, cap), "wbuf1": (cap, cap), "in": (inb, in_w),
+            rows_in, cols_in = geo.rows_in(nrows), geo.cols_in(ncols)
+            out_row, out_cg, per_row = _out_layout(geo, nrows, ncols)
+            tp.regions = {"in": (inb, in_w), "wbuf0": (wbuf[0], cap), "wbuf1": (wbuf[1], cap),
                           "out": (outb, out_w)}
             for j, g in enumerate(rows):
-                addr = out_base + g * geo.ho * geo.wo + h0 * geo.wo
-                tp.dm[outb + j * out_cg] = (nrows * geo.wo) | (addr << 16)
-            params = {"IN_BASE": inb, "IN_ROW": geo.wp, "IN_CG": rows_in * geo.wp,
-                      "OUT_ROW": geo.wo, "OUT_CG": out_cg, "HO": nrows, "WO": geo.wo,
+                plane = out_base + g * geo.ho * geo.wo
+                if per_row:
+                    for i in range(nrows):
+                        addr = plane + (h0 + i) * geo.wo + w0
+                        tp.dm[outb + j * out_cg + i * out_row] = ncols | (addr << 16)
+                else:
+                    addr = plane + h0 * geo.wo
+                    tp.dm[outb + j * out_cg] = (nrows * ncols) | (addr << 16)
+            params = {"IN_BASE": inb, "IN_ROW": cols_in, "IN_CG": rows_in * cols_in,
+                      "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows, "WO": ncols,
                       "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "SHIFT": layer.shift}
             for key, v in params.items():
                 if not param_range(Param[key], t).accepts(v):
                     raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
-            p = Program().setps(**params).acquire(LOCK_IN)
+            p = Program().setps(**params).acquire(LOCK_IN, act_parts[r])
             for k, chk in enumerate(chunks[c]):
-                bus = k % 2
-                p.acquire(LOCK_WFULL[bus])
-                p.setps(Q_PTR=wbuf[bus], W_PTR=wbuf[bus] + chk.q_words,
+                buf, nparts = k % 2, len(chk.parts(b))
+                p.acquire(LOCK_WFULL[buf], nparts)
+                p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
                         OUT_BASE=outb + chk.first * out_cg + 1)
                 for g in chk.rows:
                     p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
-                p.nop(fence=True).release(LOCK_WEMPTY[bus]).release(LOCK_OFULL[bus])
+                p.nop(fence=True).release(LOCK_WEMPTY[buf], nparts)
+                p.release(LOCK_OFULL[buf])
             tp.program = p.halt().words
             if len(tp.program) > t.pmem_words:
                 raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "
                                  f"{t.pmem_words}")
-            tp.locks = {LOCK_WEMPTY[0]: 1, LOCK_WEMPTY[1]: 1}
-            tp.bds[CH_ACT] = _chain([BufferDescriptor(
-                inb, (geo.wp, rows_in, geo.gin), (1, geo.wp, rows_in * geo.wp),
-                release=LockAction(LOCK_IN, 1))])
+            tp.locks = {LOCK_WEMPTY[0]: 2, LOCK_WEMPTY[1]: 2}
             for bus in (0, 1):
-                wl = [BufferDescriptor(wbuf[bus], (b, chk.words // b), (1, b),
-                                       acquire=LockAction(LOCK_WEMPTY[bus], 1),
-                                       release=LockAction(LOCK_WFULL[bus], 1))
-                      for chk in chunks[c][bus::2]]
+                wl = [BufferDescriptor(wbuf[k % 2] + chk.parts(b)[bus][0],
+                                       (b, chk.parts(b)[bus][1] // b), (1, b),
+                                       acquire=LockAction(LOCK_WEMPTY[k % 2], 1),
+                                       release=LockAction(LOCK_WFULL[k % 2], 1))
+                      for k, chk in enumerate(chunks[c]) if bus < len(chk.parts(b))]
                 ol = [BufferDescriptor(outb + chk.first * out_cg,
                                        (out_cg, len(chk.rows)), (1, out_cg),
                                        acquire=LockAction(LOCK_OFULL[bus], 1))

@@ -101,20 +101,29 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                    help="output directory (created if missing)")
+    p.add_argument("--tile-only", action="store_true",
+                   help="only the compute tile (tw_tile.v, manifest.json), not the array")
 
 
-@command("generate", "generate the overlay's Verilog and manifest.json", _generate_args)
+@command("generate", "generate the overlay's Verilog and manifests", _generate_args)
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tilewright.hw.generate import generate
+    from tilewright.hw.generate import generate, generate_overlay
 
     cfg = load_config_arg(args.config)
     t0 = time.perf_counter()
     manifest = generate(cfg, args.output)
-    dt = time.perf_counter() - t0
     print(f"{cfg.name} ({cfg.source}, digest {cfg.digest()}): "
           f"{manifest['macs_per_cycle']} MAC/cycle x {manifest['modules'][0]['instances']} "
-          f"tile(s) at {cfg.clock_mhz:g} MHz")
-    for name in manifest["files"]:
+          f"tile(s) at {cfg.clock_mhz:g} MHz", flush=True)
+    files = list(manifest["files"])
+    if not args.tile_only:
+        ov = generate_overlay(cfg, args.output)
+        files += ov["files"]
+        for m in ov["modules"]:
+            print(f"  {m['name']}: {m['instances']} instance(s), generated once in "
+                  f"{m['generate_s']} s")
+    dt = time.perf_counter() - t0
+    for name in files:
         f = args.output / name
         print(f"  wrote {f}  ({_human_bytes(f.stat().st_size)})")
     print(f"done in {dt:.1f} s")
@@ -123,16 +132,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # bench ----------------------------------------------------------------------------------------
 
-BENCH_TARGETS = ("tile",)
+BENCH_TARGETS = ("tile", "layer")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", choices=BENCH_TARGETS,
                    help="tile: ResNet50 layer1.0.conv2 (3x3 64->64) on one tile, dense and "
-                        "block-sparse, in Verilator")
+                        "block-sparse, in Verilator; layer: one layer of a torchvision network "
+                        "on the whole array, DDR to DDR, in Verilator")
     p.add_argument("config", help=CONFIG_HELP)
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.75],
-                   metavar="S", help="block sparsities to run, 0 included (default: 0 0.5 0.75)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=None, metavar="S",
+                   help="block sparsities to run (tile: default 0 0.5 0.75, 0 included; "
+                        "layer: default 0, one JSON object per value)")
+    p.add_argument("--model", default="resnet50", choices=("resnet50", "inception_v3", "vgg16"),
+                   help="layer: the torchvision network (default resnet50)")
+    p.add_argument("--layer", default="layer3.1.conv2",
+                   help="layer: the torchvision module path of a Conv2d or Linear layer "
+                        "(default layer3.1.conv2)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, input and masks")
     p.add_argument("--no-rtl", action="store_true",
                    help="golden model only (no Verilator): cycles from the cycle model")
@@ -157,15 +173,44 @@ def _print_bench(r: dict) -> None:
     print(f"  bit-exact against the PyTorch integer reference: {r['bit_exact']}")
 
 
+def _print_bench_layer(r: dict) -> None:
+    print(f"{r['model']}.{r['layer']} {tuple(r['weight_shape'])} on {r['config']} "
+          f"({r['peak_macs_per_cycle']} MAC/cycle), sparsity {r['sparsity']:g}, "
+          f"{r['runs']} overlay run(s)")
+    print(f"  cycles {r['cycles']:,} ({r['time_us']} us), MAC utilisation "
+          f"{r['mac_utilization']:.2%} (issued / peak; dense-equivalent "
+          f"{r['effective_mac_utilization']:.2%})")
+    print(f"  DDR {r['ddr_bytes']:,} bytes, lower bound {r['ddr_bytes_min']:,} "
+          f"(ratio {r['ddr_ratio']})")
+    if "sim_cycles_per_s" in r:
+        print(f"  Verilator: {r['sim_cycles_per_s']:,} cycles/s, build "
+              f"{r['verilator_build_s']} s{' (cached)' if r['verilator_build_cached'] else ''}"
+              f", generate {r['generate_s']} s; overlay model cycles {r['model_cycles']:,} "
+              f"({r['model_vs_rtl_cycles']} of the RTL's)")
+    print(f"  bit-exact against the PyTorch integer reference: {r['bit_exact']}")
+
+
 @command("bench", "run a benchmark and print its figures", _bench_args)
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from tilewright.sim.bench import bench_tile
+    from tilewright.sim.bench import bench_layer, bench_tile
 
     cfg = load_config_arg(args.config)
-    r = bench_tile(cfg, sparsities=args.sparsity, seed=args.seed, rtl=not args.no_rtl,
-                   progress=lambda m: print(m, file=sys.stderr, flush=True))
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.target == "layer":
+        ok = True
+        for s in args.sparsity or [0.0]:
+            r = bench_layer(cfg, model=args.model, layer=args.layer, sparsity=s,
+                            seed=args.seed, rtl=not args.no_rtl, progress=say)
+            if args.json:
+                print(json.dumps(r), flush=True)
+            else:
+                _print_bench_layer(r)
+            ok = ok and r["bit_exact"]
+        return 0 if ok else 1
+    r = bench_tile(cfg, sparsities=args.sparsity or [0.0, 0.5, 0.75], seed=args.seed,
+                   rtl=not args.no_rtl, progress=say)
     if args.json:
         print(json.dumps(r))
     else:

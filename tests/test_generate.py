@@ -103,6 +103,9 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "tiny-1x1" in text and "32 MAC/cycle" in text
     assert f"wrote {tmp_path / 'out' / 'tw_tile.v'}" in text
     assert (tmp_path / "out" / "manifest.json").is_file()
+    # the whole overlay: tile unit and shim generated once each, the top instantiating them
+    assert "tw_tileunit: 1 instance(s), generated once" in text
+    assert (tmp_path / "out" / "tw_overlay.v").is_file()
     assert "done in" in text
 
 

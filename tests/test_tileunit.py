@@ -40,14 +40,14 @@ def _program(rows: int, shift: int) -> list[int]:
 
 
 def _bds() -> dict[int, list[tuple[int, BufferDescriptor]]]:
-    """Per channel: (index, BD). S2MM 0 fills the input buffers, MM2S 0 drains outputs."""
+    """Per channel: (index, BD). S2MM 1 fills the input buffers, MM2S 0 drains outputs."""
     s2mm = [(k, BufferDescriptor(IN[k], (2 * WIDTH,), (1,), next_bd=1 if k == 0 else None,
                                  acquire=LockAction(IN_EMPTY[k], 1),
                                  release=LockAction(IN_FULL[k], 1))) for k in (0, 1)]
     mm2s = [(k, BufferDescriptor(OUT[k], (WIDTH,), (1,), next_bd=1 if k == 0 else None,
                                  acquire=LockAction(OUT_FULL[k], 1),
                                  release=LockAction(OUT_EMPTY[k], 1))) for k in (0, 1)]
-    return {0: s2mm, N_S2MM: mm2s}
+    return {1: s2mm, N_S2MM: mm2s}
 
 
 @pytest.mark.parametrize("seed, rate", [(3, 0.7), (4, 0.1)])
@@ -89,7 +89,7 @@ def test_ping_pong_conv_stream(seed, rate):
                 ctx.set(dut.bd_wdata.as_value(), bd.encode())
                 await ctx.tick()
         ctx.set(dut.bd_we, 0)
-        for ch in (0, N_S2MM):
+        for ch in (1, N_S2MM):
             for _ in range(rows // 2):
                 ctx.set(dut.task.valid, 1)
                 ctx.set(dut.task.payload, ch << BD_INDEX_BITS)
@@ -100,11 +100,11 @@ def test_ping_pong_conv_stream(seed, rate):
         ctx.set(dut.start, 0)
         pending = list(words_in)
         for _ in range(20_000):
-            ctx.set(dut.s2mm[0].valid, bool(pending) and rng.random() < rate)
-            ctx.set(dut.s2mm[0].payload, pending[0] if pending else 0)
+            ctx.set(dut.s2mm[1].valid, bool(pending) and rng.random() < rate)
+            ctx.set(dut.s2mm[1].payload, pending[0] if pending else 0)
             ctx.set(dut.mm2s[0].ready, rng.random() < rate)
             # transfers happen at this cycle's edge: decide from the settled values
-            if ctx.get(dut.s2mm[0].valid) and ctx.get(dut.s2mm[0].ready):
+            if ctx.get(dut.s2mm[1].valid) and ctx.get(dut.s2mm[1].ready):
                 pending.pop(0)
             if ctx.get(dut.mm2s[0].ready) and ctx.get(dut.mm2s[0].valid):
                 got.append(ctx.get(dut.mm2s[0].payload))

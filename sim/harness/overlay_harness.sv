@@ -87,7 +87,7 @@ module tw_overlay_harness #(
     logic                 cfg_ready;
     logic                 busy, progress;
     logic [7:0]           st_sel = '0;
-    logic [95:0]          st_data;
+    logic [127:0]         st_data;
     logic [NRD*AB-1:0]        rd_addr;
     logic [NRD-1:0]           rd_re, rd_new, rd_ready;
     logic [NRD*WORD_BITS-1:0] rd_rdata;
@@ -174,7 +174,7 @@ module tw_overlay_harness #(
 
     // ---- command FSM ---------------------------------------------------------------------
     logic [REC_BITS-1:0] cfg_img [CFG_MAX];
-    logic [95:0]         st_img [NUNITS];
+    logic [127:0]        st_img [NUNITS];
 
     string dir;
     initial begin
