@@ -224,7 +224,10 @@ def network_layer(model: str, path: str, seed: int = 0
         raise ValueError(f"{model}.{path} is a {type(mod).__name__}; the layer benchmark runs "
                          f"Conv2d and Linear layers")
     seen: dict[str, torch.Tensor] = {}
-    handle = mod.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0].detach()))
+    def grab(m: torch.nn.Module, i: tuple, o: torch.Tensor) -> None:
+        seen.setdefault("x", i[0].detach())     # returns None: the output is left alone
+
+    handle = mod.register_forward_hook(grab)
     size = MODELS[model]
     img = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():

@@ -47,7 +47,7 @@ import numpy as np
 
 from tilewright.hw.bd import BufferDescriptor, LockAction
 from tilewright.hw.config import OverlayConfig
-from tilewright.hw.isa import Param, param_range
+from tilewright.hw.isa import INDEX_PER_WORD, Param, param_range
 from tilewright.hw.overlay import CFG_KINDS, route_fields
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.asm import Program
@@ -68,9 +68,12 @@ __all__ = [
 
 #: Tile locks of the array dataflow.
 LOCK_IN = 0
-LOCK_WFULL = (1, 2)
-LOCK_WEMPTY = (3, 4)
-LOCK_OFULL = (5, 6)
+#: ``LOCK_WFULL[buf][bus]`` / ``LOCK_WEMPTY[buf][bus]``: one full/empty pair per weight
+#: buffer and column bus, so that a bus running ahead can never refill a buffer part the
+#: core has not consumed yet.
+LOCK_WFULL = ((1, 2), (3, 4))
+LOCK_WEMPTY = ((5, 6), (7, 8))
+LOCK_OFULL = (9, 10)
 #: Tile DMA channel numbers (``bd_ch``): S2MM 0 activations, S2MM 1/2 weight buses, MM2S.
 CH_ACT = 0
 CH_W = (1, 2)
@@ -476,7 +479,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     best = None
     for n_rsplit in range(1, ho + 1):
         for n_gsplit in range(1, geo.gout + 1):
-            plan = _try_plan(geo, col_rows_all, w_words_row, n_rsplit, n_gsplit, R, t, qrec)
+            plan = _try_plan(geo, col_rows_all, w_words_row, nnz_row, n_rsplit, n_gsplit, R, t,
+                             qrec)
             if plan is not None:
                 cost = (n_rsplit - 1) * sum(w_words_row) + (n_gsplit - 1) * in_words.size
                 if best is None or cost < best[0]:
@@ -511,8 +515,18 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                       (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s)
 
 
+def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
+    """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it)."""
+    n = 11 + 1 + 1                                  # SETPs, ACQ of the input, HALT
+    for chk in chunks:
+        parts = len(chk.parts(b))
+        n += 2 * parts + 3 + 1 + 1                  # ACQ/REL per part, 3 SETPs, fence, REL
+        n += sum(1 + -(-int(nnz_row[g]) // INDEX_PER_WORD) for g in chk.rows)
+    return n
+
+
 def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[int],
-              n_rsplit: int, n_gsplit: int, R: int, t, qrec: int):
+              nnz_row: np.ndarray, n_rsplit: int, n_gsplit: int, R: int, t, qrec: int):
     """Jobs for ``n_rsplit`` parts of the output rows x ``n_gsplit`` parts of every column's
     block rows, or None if a job does not fit a tile."""
     b = t.block
@@ -536,25 +550,31 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
             for rows in col_rows:
                 in_w, out_w = _tile_words(geo, max_rows, max_cols, len(rows))
                 free = t.dmem_words - _align(in_w, 8 * b) - out_w
-                cap = (free // 2) // (8 * b) * (8 * b)
                 if not rows:
                     chunks.append([])
-                    layout.append((0, 0, 0))
+                    layout.append((0, 0, 0, 2))
                     continue
-                if cap <= 0:
-                    return None
-                ch = _chunks(rows, [w_words_row[g] for g in rows], cap, b, qrec, TILE_BDS)
-                if ch is None:
+                # two weight buffers (ping/pong) if a chunk fits half the free memory, else one
+                # (the next chunk then streams in only after the core is done with this one)
+                ch = None
+                for nbuf in (2, 1):
+                    cap = (free // nbuf) // (8 * b) * (8 * b)
+                    if cap > 0:
+                        ch = _chunks(rows, [w_words_row[g] for g in rows], cap, b, qrec,
+                                     TILE_BDS)
+                    if ch is not None:
+                        break
+                if ch is None or _program_words(ch, nnz_row, b) > t.pmem_words:
                     return None
                 chunks.append(ch)
-                layout.append((cap, in_w, out_w))
+                layout.append((cap, in_w, out_w, nbuf))
             jobs.append((tile_ranges, col_rows, chunks, layout))
     return jobs
 
 
 def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
-               chunks: list[list[Chunk]], layout: list[tuple[int, int, int]], rf,
+               chunks: list[list[Chunk]], layout: list[tuple[int, int, int, int]], rf,
                in_base: int, out_base: int, put) -> ArrayJob:
     t = cfg.tile
     b = t.block
@@ -654,11 +674,11 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 tiles.append(tp)
                 continue
             nrows, ncols = h1 - h0, w1 - w0
-            cap, in_max, _ = layout[c]
+            cap, in_max, _, nbuf = layout[c]
             in_w, out_w = _tile_words(geo, nrows, ncols, len(rows))
             # the input slice at 0 in every tile (a row bus packet carries one address)
             inb = 0
-            wbuf = (_align(in_max, 8 * b), _align(in_max, 8 * b) + cap)
+            wbuf = (_align(in_max, 8 * b), _align(in_max, 8 * b) + (cap if nbuf == 2 else 0))
             outb = wbuf[1] + cap
             assert outb + out_w <= t.dmem_words
             rows_in, cols_in = geo.rows_in(nrows), geo.cols_in(ncols)
@@ -684,25 +704,29 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params).acquire(LOCK_IN, act_parts[r])
             for k, chk in enumerate(chunks[c]):
-                buf, nparts = k % 2, len(chk.parts(b))
-                p.acquire(LOCK_WFULL[buf], nparts)
+                buf, nparts = k % nbuf, len(chk.parts(b))
+                for part in range(nparts):
+                    p.acquire(LOCK_WFULL[buf][part])
                 p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
                         OUT_BASE=outb + chk.first * out_cg + 1)
                 for g in chk.rows:
                     p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
-                p.nop(fence=True).release(LOCK_WEMPTY[buf], nparts)
-                p.release(LOCK_OFULL[buf])
+                p.nop(fence=True)
+                for part in range(nparts):
+                    p.release(LOCK_WEMPTY[buf][part])
+                p.release(LOCK_OFULL[k % 2])
             tp.program = p.halt().words
+            assert len(tp.program) == _program_words(chunks[c], mask.sum(axis=1), b)
             if len(tp.program) > t.pmem_words:
                 raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "
                                  f"{t.pmem_words}")
-            tp.locks = {LOCK_WEMPTY[0]: 2, LOCK_WEMPTY[1]: 2}
+            tp.locks = {lk: 1 for pair in LOCK_WEMPTY for lk in pair}
             for bus in (0, 1):
-                wl = [BufferDescriptor(wbuf[k % 2] + chk.parts(b)[bus][0],
+                wl = [BufferDescriptor(wbuf[k % nbuf] + chk.parts(b)[bus][0],
                                        (b, chk.parts(b)[bus][1] // b), (1, b),
-                                       acquire=LockAction(LOCK_WEMPTY[k % 2], 1),
-                                       release=LockAction(LOCK_WFULL[k % 2], 1))
+                                       acquire=LockAction(LOCK_WEMPTY[k % nbuf][bus], 1),
+                                       release=LockAction(LOCK_WFULL[k % nbuf][bus], 1))
                       for k, chk in enumerate(chunks[c]) if bus < len(chk.parts(b))]
                 ol = [BufferDescriptor(outb + chk.first * out_cg,
                                        (out_cg, len(chk.rows)), (1, out_cg),

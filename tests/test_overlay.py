@@ -185,10 +185,23 @@ def test_overlay_watchdog_reports_lock_wait():
     layer, x = _layer(LAYERS[0], 0.0, cfg.tile.block, 31)
     al = compile_conv_array(layer, x, cfg)
     job = al.jobs[0]
-    job.tiles[0].locks = {LOCK_WEMPTY[1]: 1}          # buffer 0 never free
+    job.tiles[0].locks = {LOCK_WEMPTY[1][0]: 1, LOCK_WEMPTY[1][1]: 1}   # buffer 0 never free
     lo, n = al.out_region
     with pytest.raises(RtlSimError, match=r"stalled.*tile\(0,0\) s2mm1 waits on lock "
-                                          rf"{LOCK_WEMPTY[0]}") as e:
+                                          rf"{LOCK_WEMPTY[0][0]}") as e:
         run_overlay_jobs(cfg, [OverlayJob(al.ddr, job.records(cfg), (lo, lo + n),
                                           watchdog_cycles=2000)])
     assert "core waits on lock" in str(e.value)
+
+
+def test_model_single_weight_buffer():
+    """A block row larger than half the free tile memory streams through one weight buffer
+    (no ping/pong) instead of failing."""
+    cfg = _cfg("tiny-2x2")
+    layer, x = _linear(2400, 12, 0.0, cfg.tile.block, seed=13)
+    al = compile_conv_array(layer, x, cfg)
+    tiles = [t for t in al.jobs[0].tiles if t.regions]
+    assert tiles and all(t.regions["wbuf0"][0] == t.regions["wbuf1"][0] for t in tiles)
+    res = OverlayModel(cfg).run_layer(al)
+    want = reference_output(layer, x)
+    assert np.array_equal(res.output.reshape(-1), want.reshape(-1)), "seed 13"
