@@ -302,6 +302,9 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
         "nnz_blocks": al.nnz_blocks, "macs": al.macs, "peak_macs_per_cycle": peak,
         "model_cycles": res.cycles, "compile_s": round(compile_s, 2),
         "ddr_bytes_min": al.ddr_bytes_min,
+        # loaded before each run through the configuration port, not from DDR: programs
+        # (CONV block indices included), output packet headers and buffer descriptors
+        "config_bytes": al.config_bytes(),
     }
     cycles, rd, wr, exact = res.cycles, res.rd_words, res.wr_words, model_exact
     if rtl:

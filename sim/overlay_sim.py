@@ -146,6 +146,18 @@ def overlay_harness_parameters(cfg: OverlayConfig) -> dict[str, int]:
     }
 
 
+def overlay_build_args() -> tuple[str, ...]:
+    """Extra Verilator flags of overlay builds: ``TILEWRIGHT_VERILATOR_THREADS=N`` builds a
+    model that runs on N threads (the array's tiles evaluate in parallel)."""
+    n = os.environ.get("TILEWRIGHT_VERILATOR_THREADS", "")
+    if not n:
+        return ()
+    if not n.isdigit() or not 1 <= int(n) <= 64:
+        raise ValueError(f"TILEWRIGHT_VERILATOR_THREADS must be an integer from 1 to 64, "
+                         f"not {n!r}")
+    return ("--threads", n) if int(n) > 1 else ()
+
+
 def build_overlay(cfg: OverlayConfig, *, rebuild: bool = False) -> Path:
     """Generate and Verilate ``cfg``'s overlay with its harness (cached by configuration hash).
 
@@ -156,7 +168,8 @@ def build_overlay(cfg: OverlayConfig, *, rebuild: bool = False) -> Path:
     name = "overlay_" + re.sub(r"[^A-Za-z0-9_.]", "_", cfg.name)
     return build_component(name, overlay_modules(cfg), harness=[HARNESS_SV],
                            top=HARNESS_TOP, parameters=overlay_harness_parameters(cfg),
-                           digest=cfg.digest(), rebuild=rebuild)
+                           digest=cfg.digest(), rebuild=rebuild,
+                           extra_args=overlay_build_args())
 
 
 def _record_hex(r: CfgRecord, cfg_bits: int) -> str:

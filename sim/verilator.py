@@ -257,7 +257,7 @@ def _locked_build(root: Path, dirname: str, rebuild: bool,
 
 
 def _verilate(bdir: Path, sources: Sequence[Path], top: str, parameters: Mapping[str, int],
-              env: dict[str, str], what: str) -> float:
+              env: dict[str, str], what: str, extra_args: Sequence[str] = ()) -> float:
     """Compile ``sources`` into ``bdir/obj`` with :data:`BUILD_ARGS`; returns the seconds taken.
     """
     log = bdir / "verilator_build.log"
@@ -269,7 +269,7 @@ def _verilate(bdir: Path, sources: Sequence[Path], top: str, parameters: Mapping
                 sources=list(sources),
                 hdl_toplevel=top,
                 parameters=dict(parameters),
-                build_args=list(BUILD_ARGS),
+                build_args=list(BUILD_ARGS) + list(extra_args),
                 build_dir=bdir / "obj",
                 timescale=("1ns", "1ps"),
                 log_file=log,
@@ -372,10 +372,34 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+#: Hash of each source file as this process first saw it (see _check_sources_unchanged).
+_SEEN_SOURCES: dict[str, str] = {}
+
+
+def _check_sources_unchanged(sources: Sequence[Path] | None) -> None:
+    """Refuse to build when an RTL source changed on disk after this process first built from
+    it: the modules it has loaded are the old ones, and their Verilog would be cached under
+    the new sources' key."""
+    if sources is None:
+        hw_dir = Path(tilewright.hw.__file__).resolve().parent
+        sources = sorted(hw_dir.glob("*.py"))
+    changed = []
+    for p in sources:
+        digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        seen = _SEEN_SOURCES.setdefault(str(Path(p).resolve()), digest)
+        if seen != digest:
+            changed.append(Path(p).name)
+    if changed:
+        raise RtlBuildError(f"{', '.join(changed)} changed on disk while this process was "
+                            f"running: the RTL generator it loaded is stale, and a build "
+                            f"would be cached under the new sources' key; run again")
+
+
 def component_build_key(name: str, modules: Mapping[str, ComponentFactory], *,
                         harness: Sequence[Path], top: str,
                         parameters: Mapping[str, int], digest: str,
-                        sources: Sequence[Path] | None = None) -> str:
+                        sources: Sequence[Path] | None = None,
+                        extra_args: Sequence[str] = ()) -> str:
     """The cache key of :func:`build_component`: a hash of the build's name, ``digest``, the
     module names, the text of ``sources`` (default ``hw/*.py``) and of the harness files, the
     harness top and parameters, the build flags and the tool versions."""
@@ -386,6 +410,8 @@ def component_build_key(name: str, modules: Mapping[str, ComponentFactory], *,
     h.update(json.dumps([name, digest, sorted(modules), top, dict(sorted(parameters.items())),
                          BUILD_ARGS, MAKEFLAGS, getattr(verilator, "__version__", "?"),
                          cocotb.__version__]).encode())
+    if extra_args:
+        h.update(json.dumps(list(extra_args)).encode())
     if sources is None:
         hw_dir = Path(tilewright.hw.__file__).resolve().parent
         sources = sorted(hw_dir.glob("*.py"))
@@ -398,7 +424,7 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
                     harness: Sequence[str | os.PathLike[str]], top: str,
                     parameters: Mapping[str, int] | None = None, digest: str = "",
                     sources: Sequence[str | os.PathLike[str]] | None = None,
-                    rebuild: bool = False) -> Path:
+                    rebuild: bool = False, extra_args: Sequence[str] = ()) -> Path:
     """Generate Amaranth components and Verilate them with a hand-written harness; cached.
 
     Each factory is called once and converted with :func:`amaranth.back.verilog.convert` into
@@ -427,6 +453,8 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
         ``hw/*.py``.
     rebuild : bool
         Discard a cached build and build again.
+    extra_args : sequence of str
+        Verilator flags beyond :data:`BUILD_ARGS` (part of the key).
 
     Returns
     -------
@@ -468,8 +496,9 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
         if not p.is_file():
             raise ValueError(f"harness file {str(p)!r} does not exist")
     srcs = None if sources is None else [Path(p) for p in sources]
+    _check_sources_unchanged(srcs)
     key = component_build_key(name, modules, harness=hfiles, top=top, parameters=params,
-                              digest=digest, sources=srcs)
+                              digest=digest, sources=srcs, extra_args=extra_args)
     root = build_root()
     stamp = root / f"{name}-{key}" / "build.json"
     if stamp.is_file() and not rebuild:
@@ -494,7 +523,7 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             shutil.copyfile(p, bdir / p.name)
         build_s = _verilate(bdir, [bdir / m["file"] for m in mods]
                             + [bdir / p.name for p in hfiles], top, params, env,
-                            f"'{name}'")
+                            f"'{name}'", extra_args)
         return {
             "config": name,
             "digest": digest,
@@ -503,7 +532,7 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             "modules": mods,
             "generate_s": round(sum(m["generate_s"] for m in mods), 3),
             "verilator_build_s": round(build_s, 3),
-            "build_args": list(BUILD_ARGS),
+            "build_args": list(BUILD_ARGS) + list(extra_args),
             "makeflags": MAKEFLAGS,
             "parameters": params,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

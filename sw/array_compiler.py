@@ -236,6 +236,21 @@ class ArrayLayer:
     kernel: tuple[int, int]
     stride: int
 
+    def config_bytes(self) -> int:
+        """Bytes the configuration port loads over all runs: programs (8 bytes a word, block
+        indices included), data-memory constants (output packet headers) and BDs."""
+        from tilewright.hw.bd import BD_BITS
+
+        b = self.cfg.tile.block
+        n = 0
+        for job in self.jobs:
+            for t in job.tiles:
+                n += 8 * len(t.program) + b * len(t.dm)
+                n += sum(len(bds) for bds in t.bds.values()) * -(-BD_BITS // 8)
+            n += sum(len(bds) for per in job.shim_bds.values() for bds in per.values()) \
+                * -(-BD_BITS // 8)
+        return n
+
     def job_output_index(self, job: ArrayJob) -> np.ndarray:
         """Word offsets (in the output region) that ``job`` writes."""
         _, ho, wo = self.out_shape

@@ -189,3 +189,17 @@ def test_compute_tile_halt_and_illegal(tiny: OverlayConfig) -> None:
     assert not nops.error
     # every instruction costs FETCH + DECODE (docs/architecture.md)
     assert nops.cycles - halt.cycles == 4
+
+
+def test_build_refuses_sources_changed_while_running(tmp_path: Path) -> None:
+    """A process that built from an RTL source must not build again after the file changed
+    on disk: its loaded generator is stale and the build would poison the cache."""
+    from tilewright.sim import verilator as v
+
+    src = tmp_path / "block.py"
+    src.write_text("x = 1\n")
+    v._check_sources_unchanged([src])
+    v._check_sources_unchanged([src])          # unchanged: fine
+    src.write_text("x = 2\n")
+    with pytest.raises(v.RtlBuildError, match=r"block\.py changed on disk"):
+        v._check_sources_unchanged([src])
