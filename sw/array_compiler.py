@@ -52,7 +52,7 @@ from tilewright.hw.overlay import CFG_KINDS, route_fields
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.asm import Program
 from tilewright.sw.quantize import block_mask
-from tilewright.sw.tile_compiler import ConvLayer, output_shape
+from tilewright.sw.tile_compiler import AddLayer, ConvLayer, PoolLayer, output_shape
 
 __all__ = [
     "LOCK_IN",
@@ -787,3 +787,230 @@ def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
         out.append(rec)
     return out
 
+
+
+# Pools and element-wise adds --------------------------------------------------------------------
+
+def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: OverlayConfig, *,
+                          x_b: np.ndarray | None = None,
+                          name: str | None = None) -> ArrayLayer:
+    """Compile a max/average pool or a residual add (second operand ``x_b``) for ``cfg``'s
+    array.
+
+    Channel groups are split over the columns, the output image over the tile rows (the same
+    rectangles as convolutions). Each tile's input (and for an add the second operand) comes
+    from its column's DDR channels on the column buses (operand a on bus 0, b on bus 1), one
+    packet per tile, without padding: the tile's halo words are set by the configuration (-128
+    for a max pool, 0 otherwise), so that padding never crosses DDR and max pools see -128.
+    Requantisation records (per-channel multipliers; an add's biases) are configuration too.
+    """
+    from tilewright.sw.tile_compiler import _int_vector
+
+    if not isinstance(layer, (PoolLayer, AddLayer)):
+        raise TypeError(f"layer must be a PoolLayer or AddLayer, not {type(layer).__name__}")
+    t = cfg.tile
+    b = t.block
+    R, C = cfg.array.rows, cfg.array.cols
+    rf = route_fields(cfg)
+    lname = name or layer.name
+    xa = np.asarray(x)
+    if xa.dtype != np.int8 or xa.ndim != 3:
+        raise TypeError(f"layer {lname!r}: input must be int8 (C, H, W), not {xa.dtype} "
+                        f"{xa.shape}")
+    is_add = isinstance(layer, AddLayer)
+    if is_add and (x_b is None or np.asarray(x_b).shape != xa.shape):
+        raise ValueError(f"layer {lname!r}: an add needs x_b of the input's shape {xa.shape}")
+    cin, h, w = xa.shape
+    cout, ho, wo = output_shape(layer, xa.shape)
+    if is_add:
+        (kh, kw), s, (ph, pw) = (1, 1), 1, (0, 0)
+    else:
+        (kh, kw), s, (ph, pw) = layer.kernel, layer.stride, layer.padding
+    geo = _Geometry(cin, h, w, cout, ho, wo, kh, kw, s, ph, pw, _cdiv(cin, b), _cdiv(cin, b))
+    G = geo.gin
+    pad_value = -128 if isinstance(layer, PoolLayer) and layer.kind == "max" else 0
+    if is_add:
+        bias = _int_vector(layer.bias, f"layer {lname!r}: bias", cin)
+        mult = _int_vector(layer.mult, f"layer {lname!r}: mult", cin)
+    else:
+        bias = np.zeros(cin, np.int64)
+        mult = _int_vector(layer.mult, f"layer {lname!r}: mult", cin)
+    qrec = _qbytes_all(ConvLayer(np.zeros((cin, 1, 1, 1), np.int8), bias, mult, 0,
+                                 name="q"), b, t.qrec_words)
+
+    # ---- DDR ------------------------------------------------------------------------------
+    def planes(arr: np.ndarray) -> np.ndarray:
+        full = np.zeros((G * b, h, w), dtype=np.int8)
+        full[:cin] = arr
+        return _words_of(full.reshape(G, b, h, w).transpose(0, 2, 3, 1).reshape(-1)
+                         .view(np.uint8), b)
+
+    operands = [planes(xa)] + ([planes(np.asarray(x_b))] if is_add else [])
+    parts = list(operands)
+    bases = []
+    top = 0
+    for o in operands:
+        bases.append(top)
+        top += o.size
+    out_base, out_words = top, G * ho * wo
+    parts.append(np.zeros(out_words, np.uint64))
+    top += out_words
+
+    def put(words: np.ndarray) -> int:
+        nonlocal top
+        base = top
+        parts.append(np.asarray(words, dtype=np.uint64))
+        top += len(words)
+        return base
+
+    # ---- partition: channel groups, then rows, over runs until every tile fits ------------
+    col_groups = [list(range(a, z)) for a, z in _split_rows(G, C)]
+
+    def fits(n_gsplit: int, rects: list[tuple[int, int, int, int]]) -> bool:
+        rmax = max(hb - ha for ha, hb, _, _ in rects)
+        cmax = max(wb - wa for _, _, wa, wb in rects)
+        gmax = -(-max(len(g) for g in col_groups) // n_gsplit)
+        need = (_align(gmax * t.qrec_words, b) + len(operands) * gmax
+                * geo.rows_in(rmax) * geo.cols_in(cmax)
+                + gmax * _out_layout(geo, rmax, cmax)[1])
+        return need <= t.dmem_words
+
+    plan = None
+    for n_gsplit in range(1, max(len(g) for g in col_groups) + 1):
+        for n_rsplit in range(1, ho + 1):
+            rparts = [rp for rp in _split_rows(ho, n_rsplit) if rp[1] > rp[0]]
+            rect_sets = [_rectangles(geo, rp[0], rp[1], R, t.pixels) for rp in rparts]
+            if all(fits(n_gsplit, rs) for rs in rect_sets):
+                plan = (n_gsplit, rect_sets)
+                break
+        if plan is not None:
+            break
+    if plan is None:
+        raise ValueError(f"layer {lname!r} does not fit {cfg.name}'s tiles even one output "
+                         f"row and one channel group at a time")
+    n_gsplit, rect_sets = plan
+    jobs: list[ArrayJob] = []
+    for gp in range(n_gsplit):
+        sub = []
+        for g in col_groups:
+            a, z = _split_rows(len(g), n_gsplit)[gp]
+            sub.append(g[a:z])
+        if not any(sub):
+            continue
+        for rects in rect_sets:
+            jobs.append(_eltwise_job(len(jobs), layer, geo, cfg, rf, rects, sub, bases,
+                                     out_base, qrec, pad_value, put))
+    ddr = np.concatenate(parts)
+    if b < 8:
+        ddr &= np.uint64((1 << (8 * b)) - 1)
+    nbytes_io = len(operands) * cin * h * w + cout * ho * wo
+    macs = (2 if is_add else kh * kw) * cout * ho * wo
+    return ArrayLayer(lname, cfg, ddr, (0, operands[0].size), (out_base, out_words),
+                      (cin, h, w), (cout, ho, wo), jobs, macs, 0,
+                      nbytes_io, (kh, kw), s)
+
+
+def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
+                 rects: list[tuple[int, int, int, int]], col_groups: list[list[int]],
+                 bases: list[int], out_base: int, qrec: list[np.ndarray], pad_value: int,
+                 put) -> ArrayJob:
+    t = cfg.tile
+    b = t.block
+    R, C = cfg.array.rows, cfg.array.cols
+    is_add = isinstance(layer, AddLayer)
+    nops = len(bases)
+    pad_word = int.from_bytes(bytes([pad_value & 0xFF]) * b, "little")
+    shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
+                                                            for c in range(C)}
+    stream_words: dict[tuple[int, int], int] = {}
+    tiles: list[TilePlan] = []
+    for r in range(R):
+        for c in range(C):
+            h0, h1, w0, w1 = rects[r]
+            groups = col_groups[c]
+            tp = TilePlan(r, c, rects[r])
+            if h1 == h0 or w1 == w0 or not groups:
+                tp.program = Program().halt().words
+                tiles.append(tp)
+                continue
+            g0, ng = groups[0], len(groups)
+            nrows, ncols = h1 - h0, w1 - w0
+            rows_in, cols_in = geo.rows_in(nrows), geo.cols_in(ncols)
+            plane = rows_in * cols_in
+            a0, b0 = h0 * geo.s - geo.ph, w0 * geo.s - geo.pw
+            y0, y1 = max(a0, 0), min(a0 + rows_in, geo.h)
+            x0, x1 = max(b0, 0), min(b0 + cols_in, geo.w)
+            q_words = _align(ng * t.qrec_words, b)
+            inb = [q_words + k * ng * plane for k in range(nops)]
+            outb = q_words + nops * ng * plane
+            out_row, out_cg, per_row = _out_layout(geo, nrows, ncols)
+            assert outb + ng * out_cg <= t.dmem_words
+            # configuration: requantisation records, halo words, output packet headers
+            qb = np.concatenate([qrec[g] for g in groups])
+            for k, wv in enumerate(_words_of(np.concatenate(
+                    [qb, np.zeros(q_words * b - qb.size, np.uint8)]), b)):
+                tp.dm[k] = int(wv)
+            yy, xx = np.meshgrid(np.arange(rows_in), np.arange(cols_in), indexing="ij")
+            halo = ~((a0 + yy >= 0) & (a0 + yy < geo.h) & (b0 + xx >= 0) & (b0 + xx < geo.w))
+            offs = np.flatnonzero(halo.reshape(-1))
+            for k in range(nops):
+                for j in range(ng):
+                    for o in offs:
+                        tp.dm[inb[k] + j * plane + int(o)] = pad_word
+            for j, g in enumerate(groups):
+                pl = out_base + g * geo.ho * geo.wo
+                if per_row:
+                    for i in range(nrows):
+                        tp.dm[outb + j * out_cg + i * out_row] = \
+                            ncols | ((pl + (h0 + i) * geo.wo + w0) << 16)
+                else:
+                    tp.dm[outb + j * out_cg] = (nrows * ncols) | ((pl + h0 * geo.wo) << 16)
+            # operands: one packet per tile on bus k (pools: bus r % 2)
+            interior = (x1 - x0, y1 - y0, ng)
+            for k in range(nops):
+                bus = k if is_add else r % 2
+                n = (x1 - x0) * (y1 - y0) * ng
+                hbase = put(np.array([n | (1 << rf.col) | (1 << (rf.tile + r))], np.uint64))
+                shim_bds[c][bus] += [BufferDescriptor(hbase, (1,), (1,)), BufferDescriptor(
+                    bases[k] + g0 * geo.h * geo.w + y0 * geo.w + x0, interior,
+                    (1, geo.w, geo.h * geo.w))]
+                stream_words[(c, bus)] = stream_words.get((c, bus), 0) + 1 + n
+                tp.bds.setdefault(CH_W[bus], []).append(BufferDescriptor(
+                    inb[k] + (y0 - a0) * cols_in + (x0 - b0), interior, (1, cols_in, plane),
+                    release=LockAction(LOCK_WFULL[0][k], 1)))
+            tp.bds = {ch: _chain(bds) for ch, bds in tp.bds.items()}
+            tp.bds[CH_OUT[0]] = [BufferDescriptor(outb, (out_cg, ng), (1, out_cg),
+                                                  acquire=LockAction(LOCK_OFULL[0], 1))]
+            params = {"IN_BASE": inb[0], "IN_ROW": cols_in, "IN_CG": plane,
+                      "OUT_BASE": outb + 1, "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows,
+                      "WO": ncols, "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "Q_PTR": 0,
+                      "SHIFT": layer.shift}
+            if is_add:
+                params.update(B_BASE=inb[1], MUL_A=layer.mul_a, MUL_B=layer.mul_b)
+            for key, v in params.items():
+                if not param_range(Param[key], t).accepts(v):
+                    raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
+                                     f"= {v} is outside what the tile accepts "
+                                     f"({param_range(Param[key], t).describe()})")
+            p = Program().setps(**params)
+            for k in range(nops):
+                p.acquire(LOCK_WFULL[0][k])
+            relu = bool(getattr(layer, "relu", False))
+            emit = p.add if is_add else {"max": p.maxpool, "avg": p.avgpool}[layer.kind]
+            for j in range(ng):
+                emit(j, relu=relu)
+            p.nop(fence=True).release(LOCK_OFULL[0])
+            tp.program = p.halt().words
+            tp.regions = {"q": (0, q_words), "in": (inb[0], nops * ng * plane),
+                          "out": (outb, ng * out_cg)}
+            tiles.append(tp)
+    for c in range(C):
+        for ch in (0, 1):
+            bds = shim_bds[c][ch]
+            if len(bds) > cfg.ddr.bds_per_channel:
+                raise ValueError(f"layer {layer.name!r}: column {c} read channel {ch} needs "
+                                 f"{len(bds)} BDs, the shim has {cfg.ddr.bds_per_channel}")
+            shim_bds[c][ch] = _chain(bds)
+    col_rows = [list(g) for g in col_groups]
+    return ArrayJob(ji, tiles, shim_bds, col_rows, rects, [[] for _ in range(C)],
+                    stream_words, {})

@@ -15,8 +15,9 @@ from tilewright.hw.config import ConfigError, config_from_dict, load_config
 from tilewright.hw.generate import generate_overlay
 from tilewright.sim.layercases import make_conv, rand_i8
 from tilewright.sim.overlay_model import OverlayModel
-from tilewright.sw.array_compiler import LOCK_WEMPTY, compile_conv_array
-from tilewright.sw.tile_compiler import reference_output
+from tilewright.sw.array_compiler import LOCK_WEMPTY, compile_conv_array, compile_eltwise_array
+from tilewright.sw.quantize import fixed_point
+from tilewright.sw.tile_compiler import AddLayer, PoolLayer, reference_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,34 @@ def test_model_bit_exact(cfg_name, sparsity, case):
     assert (res.rd_words + res.wr_words) * b >= al.ddr_bytes_min - al.nnz_blocks * 2, \
         f"seed {seed}: fewer bytes than the lower bound"
     assert res.cycles > 0
+
+
+def _eltwise_cases(seed: int) -> list:
+    """(name, layer, x, x_b): max pool 3x3/2 with padding (halo -128), average pool 3x3/1
+    with padding, a global average pool and a residual add with ReLU."""
+    rng = np.random.default_rng(seed)
+
+    def x(c: int, h: int) -> np.ndarray:
+        return rng.integers(-128, 128, (c, h, h), dtype=np.int8)
+
+    m9, s9 = fixed_point(np.full(20, 1 / 9))
+    m49, s49 = fixed_point(np.full(12, 1 / 49))
+    return [("max3x3s2", PoolLayer("max", 3, 2, 1), x(20, 13), None),
+            ("avg3x3", PoolLayer("avg", 3, 1, 1, mult=m9, shift=s9), x(20, 9), None),
+            ("gap7x7", PoolLayer("avg", 7, 1, 0, mult=m49, shift=s49), x(12, 7), None),
+            ("add", AddLayer(3000, -2000, 1 << 14, 22, True), x(20, 9), x(20, 9))]
+
+
+@pytest.mark.parametrize("cfg_name", ["tiny-2x2", "tiny-2x3", "aie2-2x2"])
+def test_model_pools_and_add(cfg_name):
+    cfg = _cfg(cfg_name)
+    for name, layer, x, xb in _eltwise_cases(17):
+        al = compile_eltwise_array(layer, x, cfg, x_b=xb)
+        res = OverlayModel(cfg).run_layer(al)
+        assert np.array_equal(res.output, reference_output(layer, x, xb)), \
+            f"{name} on {cfg_name}, seed 17"
+        # padding never crosses DDR: every input word is read once (halos twice at most)
+        assert res.rd_words < 2 * sum(al.in_region[1:]) * (2 if xb is not None else 1)
 
 
 def test_model_linear_and_sparse_traffic():
@@ -139,8 +168,9 @@ def test_generate_overlay(tmp_path):
 
 @pytest.mark.verilator
 def test_overlay_rtl_bit_exact():
-    """Several layers (one of them split into two runs) on the tiny 2x2 array, one simulator
-    process: RTL output == PyTorch integer reference, DDR traffic == the model's."""
+    """Several layers (one of them split into two runs; max, average and global pools; a
+    residual add) on the tiny 2x2 array, one simulator process: RTL output == PyTorch integer
+    reference, DDR traffic == the model's."""
     from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
 
     cfg = _cfg("tiny-2x2")
@@ -148,20 +178,22 @@ def test_overlay_rtl_bit_exact():
     cases = [_layer(LAYERS[0], 0.0, b, 21), _layer(LAYERS[1], 0.5, b, 22),
              _layer(LAYERS[3], 0.5, b, 23), _linear(48, 20, 0.5, b, 24),
              _layer(("big", 48, 40, (3, 3), 1, (1, 1), 20, True), 0.5, b, 25)]
-    compiled = [(layer, x, compile_conv_array(layer, x, cfg)) for layer, x in cases]
-    assert len(compiled[-1][2].jobs) > 1
+    compiled = [(layer, x, None, compile_conv_array(layer, x, cfg)) for layer, x in cases]
+    assert len(compiled[-1][3].jobs) > 1
+    compiled += [(layer, x, xb, compile_eltwise_array(layer, x, cfg, x_b=xb))
+                 for _, layer, x, xb in _eltwise_cases(26)]
     jobs, owners = [], []
-    for k, (_, _, al) in enumerate(compiled):
+    for k, (_, _, _, al) in enumerate(compiled):
         lo, n = al.out_region
         for j in al.jobs:
             jobs.append(OverlayJob(al.ddr, j.records(cfg), (lo, lo + n)))
             owners.append(k)
     run = run_overlay_jobs(cfg, jobs)
     model = OverlayModel(cfg)
-    for k, (layer, x, al) in enumerate(compiled):
+    for k, (layer, x, xb, al) in enumerate(compiled):
         mine = [r for r, o in zip(run, owners, strict=True) if o == k]
         got = al.read_output(al.merge_outputs([r.ddr_out for r in mine]))
-        want = reference_output(layer, x)
+        want = reference_output(layer, x, xb)
         assert np.array_equal(got.reshape(want.shape), want), f"case {k} ({layer.name})"
         res = model.run_layer(al)
         assert sum(r.rd_words for r in mine) == res.rd_words, f"case {k}"
