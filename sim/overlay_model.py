@@ -148,6 +148,19 @@ class _TileEnv:
         self.lock_free: dict[int, float] = {}
         self.cur_avail = 0.0
 
+    def _next_bd(self, ch: int, i: int | None, locks: list[int]) -> BufferDescriptor | None:
+        """BD ``i`` of channel ``ch`` if its chain has one and its acquire can be granted now
+        (then granted), else None."""
+        bds = self.tp.bds.get(ch, [])
+        if i is None or i >= len(bds):
+            return None
+        bd = bds[i]
+        if bd.acquire is not None:
+            if locks[bd.acquire.id] < bd.acquire.value:
+                return None
+            locks[bd.acquire.id] -= bd.acquire.value
+        return bd
+
     # -- the activation writer (channel 0): packets carry address and lock -------------------
     def _writer_step(self, locks: list[int], mem: np.ndarray) -> tuple[float, int] | None:
         j = self.pkt[0]
@@ -171,15 +184,9 @@ class _TileEnv:
                    cycle: int) -> tuple[float, int | None] | None:
         if ch == 0:
             return self._writer_step(locks, mem)
-        bds = self.tp.bds.get(ch, [])
-        i = self.pos[ch]
-        if i is None or i >= len(bds):
+        bd = self._next_bd(ch, self.pos[ch], locks)
+        if bd is None:
             return None
-        bd = bds[i]
-        if bd.acquire is not None:
-            if locks[bd.acquire.id] < bd.acquire.value:
-                return None
-            locks[bd.acquire.id] -= bd.acquire.value
         self.cur_avail = (self.lock_free.get(bd.acquire.id, 0.0)
                           if bd.acquire is not None else 0.0)
         n = bd.n_elements
@@ -214,15 +221,9 @@ class _TileEnv:
 
     # -- MM2S ---------------------------------------------------------------------------------
     def _mm2s_step(self, ch: int, locks: list[int], mem: np.ndarray, cycle: int) -> bool:
-        bds = self.tp.bds.get(ch, [])
-        i = self.out_pos[ch]
-        if i is None or i >= len(bds):
+        bd = self._next_bd(ch, self.out_pos[ch], locks)
+        if bd is None:
             return False
-        bd = bds[i]
-        if bd.acquire is not None:
-            if locks[bd.acquire.id] < bd.acquire.value:
-                return False
-            locks[bd.acquire.id] -= bd.acquire.value
         addrs, ok = bd_addresses(bd)
         b = self.model.cfg.tile.block
         raw = mem.view(np.uint8).reshape(-1, b)[np.where(ok, addrs, 0)]

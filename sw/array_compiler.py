@@ -293,6 +293,17 @@ def _words_of(raw: np.ndarray, b: int) -> np.ndarray:
     return pad.view("<u8").reshape(-1).astype(np.uint64)
 
 
+def _planes(x: np.ndarray, b: int) -> np.ndarray:
+    """An int8 ``(C, H, W)`` tensor as DDR words in channel-group planes ``[G][H][W]``
+    (channels padded with zeros to a multiple of ``b``)."""
+    c, h, w = x.shape
+    g = _cdiv(c, b)
+    full = np.zeros((g * b, h, w), dtype=np.int8)
+    full[:c] = x
+    return _words_of(full.reshape(g, b, h, w).transpose(0, 2, 3, 1).reshape(-1)
+                     .view(np.uint8), b)
+
+
 def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
     """Deal block rows to columns: densest first, each to the least-loaded column (ties: the
     column with fewer rows, then the lower index); each column's rows in ascending order."""
@@ -473,10 +484,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     qrec = t.qrec_words
 
     # ---- DDR: input and output tensors ----------------------------------------------------
-    xin = np.zeros((geo.gin * b, h, w), dtype=np.int8)
-    xin[:cin] = xa
-    in_words = _words_of(xin.reshape(geo.gin, b, h, w).transpose(0, 2, 3, 1)
-                         .reshape(-1).view(np.uint8), b)
+    in_words = _planes(xa, b)
     in_base, out_base = 0, in_words.size
     out_words = geo.gout * ho * wo
     chunks_of_ddr: list[np.ndarray] = [in_words, np.zeros(out_words, dtype=np.uint64)]
@@ -839,13 +847,7 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
                                  name="q"), b, t.qrec_words)
 
     # ---- DDR ------------------------------------------------------------------------------
-    def planes(arr: np.ndarray) -> np.ndarray:
-        full = np.zeros((G * b, h, w), dtype=np.int8)
-        full[:cin] = arr
-        return _words_of(full.reshape(G, b, h, w).transpose(0, 2, 3, 1).reshape(-1)
-                         .view(np.uint8), b)
-
-    operands = [planes(xa)] + ([planes(np.asarray(x_b))] if is_add else [])
+    operands = [_planes(xa, b)] + ([_planes(np.asarray(x_b), b)] if is_add else [])
     parts = list(operands)
     bases = []
     top = 0
