@@ -423,13 +423,14 @@ def _rectangles(geo: _Geometry, h0: int, h1: int, R: int, pixels: int
 
 def _chunks(rows: list[int], per_row: list[int], cap: int, b: int, qrec: int,
             max_chunks: int) -> list[Chunk] | None:
-    """Greedy chunks of ``rows`` (weight words ``per_row``) no larger than ``cap`` words."""
+    """Greedy chunks of ``rows`` (weight words ``per_row``) no larger than ``cap`` words; the
+    first chunk is a single block row, so that the cores start as early as possible."""
     out: list[Chunk] = []
     cur: list[int] = []
     w = 0
     for i, (g, ww) in enumerate(zip(rows, per_row, strict=True)):
         q_new = _align((len(cur) + 1) * qrec, b)
-        if cur and q_new + w + ww > cap:
+        if cur and (q_new + w + ww > cap or not out):
             out.append(Chunk(cur, _align(len(cur) * qrec, b), w, i - len(cur)))
             cur, w = [], 0
             q_new = _align(qrec, b)
