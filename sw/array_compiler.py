@@ -16,16 +16,17 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   groups); its input slice (the rectangle's input plus the halo, padded, every input channel
   group) is read from DDR once, padded on the fly by the shim's descriptors, and broadcast
   along the tile row (row bus ``r``) to the tiles of every column. The slice is cut by input
-  channel groups into parts spread over all the read channels, so that every channel starts
-  with a share of the activations; each part's header carries its tile-memory address and
-  the lock the tile unit's activation writer releases when it has landed.
+  channel groups into parts spread over all the read channels (a tile row's on the two
+  channels of one column), so that every channel starts with a share of the activations;
+  each part's header carries its tile-memory address and the lock the tile unit's
+  activation writer releases when it has landed.
 * **Weights stream down the columns.** A column's block rows are cut into chunks (several
   block rows: their requantisation records and non-zero weight lines, compacted -- a zero
   block never crosses DDR or a port). Chunk ``k`` goes into weight buffer ``k mod 2`` of
   every tile of the column (ping/pong, with locks, so that the next chunk streams in while the
-  core computes on this one); its first half travels on column bus 0 (read channel 0) and its
-  second half on column bus 1 (read channel 1), one broadcast packet each, so both of the
-  column's DDR channels stream every chunk.
+  core computes on this one; the first chunk is a single block row); its first half travels
+  on column bus 0 (read channel 0) and its second half on column bus 1 (read channel 1), one
+  broadcast packet each, so both of the column's DDR channels stream every chunk.
 * **Outputs stream back.** After chunk ``k`` the core releases its output lock and MM2S
   channel ``k mod 2`` sends one packet per block row (a header with the DDR address, then the
   tile's rows of that channel group, contiguous in the DDR's channel-group-planar layout).
