@@ -171,6 +171,8 @@ def bench_tile(cfg: OverlayConfig, *, sparsities: Sequence[float] = (0.0, 0.5, 0
 
 # Whole layers on an array ---------------------------------------------------------------------
 
+#: Pool modules the layer benchmark runs (on the array as pools, ``compile_eltwise_array``).
+POOL_MODULES = (torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d)
 #: torchvision model names and their input sizes.
 MODELS = {"resnet50": 224, "inception_v3": 299, "vgg16": 224}
 LAYER_SPEED_CYCLES = 100_000
@@ -220,9 +222,9 @@ def network_layer(model: str, path: str, seed: int = 0
                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         raise ValueError(f"{model} has no layer {path!r}; its conv and linear layers: "
                          f"{', '.join(convs[:12])}, ... ({len(convs)} in all)") from None
-    if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+    if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear, *POOL_MODULES)):
         raise ValueError(f"{model}.{path} is a {type(mod).__name__}; the layer benchmark runs "
-                         f"Conv2d and Linear layers")
+                         f"Conv2d, Linear, MaxPool2d, AvgPool2d and AdaptiveAvgPool2d layers")
     seen: dict[str, torch.Tensor] = {}
     def grab(m: torch.nn.Module, i: tuple, o: torch.Tensor) -> None:
         seen.setdefault("x", i[0].detach())     # returns None: the output is left alone
@@ -271,6 +273,9 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
     t = cfg.tile
     b = t.block
     mod, xf, relu = network_layer(model, layer, seed)
+    if isinstance(mod, POOL_MODULES):
+        return _bench_pool(cfg, model, layer, mod, xf, seed=seed, rtl=rtl, progress=progress,
+                           t0=t0)
     if isinstance(mod, torch.nn.Linear):
         xf = xf.reshape(-1)
     with torch.no_grad():
@@ -349,5 +354,96 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
         "ddr_ratio": round((rd + wr) * b / al.ddr_bytes_min, 3),
         "bit_exact": exact,
         "wall_s": round(time.time() - t0, 1),
+    })
+    return out
+
+
+def _pool_layer(mod: torch.nn.Module, xf: torch.Tensor, name: str) -> tuple:
+    """The integer pool layer of ``mod`` on input ``xf`` (C, H, W) and its int8 input."""
+    from tilewright.sw.quantize import quantize_avgpool, quantize_maxpool
+    from tilewright.sw.tile_compiler import PoolLayer
+
+    def pair(v: Any) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+    with torch.no_grad():
+        yf = mod(xf[None])[0]
+    s_in = act_scale(xf)
+    xq = quantize_act(xf, s_in)
+    if isinstance(mod, torch.nn.AdaptiveAvgPool2d):
+        if pair(mod.output_size) != (1, 1):
+            raise ValueError(f"{name}: adaptive average pools to {mod.output_size} are not run "
+                             f"here; to (1, 1) (a global pool) they are")
+        kernel, stride, padding = (int(xf.shape[1]), int(xf.shape[2])), 1, (0, 0)
+    else:
+        kernel, stride, padding = pair(mod.kernel_size), pair(mod.stride)[0], \
+            pair(mod.padding)
+        if getattr(mod, "ceil_mode", False):
+            raise ValueError(f"{name}: ceil_mode pools are not run here")
+    if isinstance(mod, torch.nn.MaxPool2d):
+        q = quantize_maxpool(kernel)
+    else:
+        q = quantize_avgpool(kernel, s_in, act_scale(yf))
+    return PoolLayer.from_quant(q, stride, padding, name=name), xq
+
+
+def _bench_pool(cfg: OverlayConfig, model: str, layer: str, mod: torch.nn.Module,
+                xf: torch.Tensor, *, seed: int, rtl: bool,
+                progress: Callable[[str], None] | None, t0: float) -> dict[str, Any]:
+    """:func:`bench_layer` for a pool module (no weights, so no sparsity)."""
+    from tilewright.sim.overlay_model import OverlayModel
+    from tilewright.sw.array_compiler import compile_eltwise_array
+
+    del seed
+    t = cfg.tile
+    pl, xq = _pool_layer(mod, xf, f"{model}.{layer}")
+    _say(progress, f"{model}.{layer}: {pl.kind} pool {pl.kernel}/{pl.stride} on input "
+                   f"{tuple(xq.shape)}; compiling for {cfg.name}")
+    t1 = time.time()
+    al = compile_eltwise_array(pl, xq.numpy(), cfg)
+    compile_s = time.time() - t1
+    want = np.asarray(reference_output(pl, xq))
+    res = OverlayModel(cfg).run_layer(al)
+    exact = bool(np.array_equal(res.output, want))
+    peak = t.macs_per_cycle * cfg.array.rows * cfg.array.cols
+    out: dict[str, Any] = {
+        "config": cfg.name, "model": model, "layer": layer, "sparsity": 0.0,
+        "kind": f"{pl.kind}pool", "kernel": list(pl.kernel), "input_shape": list(xq.shape),
+        "output_shape": list(al.out_shape), "runs": len(al.jobs), "macs": al.macs,
+        "peak_macs_per_cycle": peak, "model_cycles": res.cycles,
+        "compile_s": round(compile_s, 2), "ddr_bytes_min": al.ddr_bytes_min,
+        "config_bytes": al.config_bytes(),
+    }
+    cycles, rd, wr = res.cycles, res.rd_words, res.wr_words
+    if rtl:
+        import json as _json
+
+        from tilewright.sim.overlay_sim import OverlayJob, build_overlay, run_overlay_jobs
+
+        _say(progress, f"building the {cfg.name} overlay in Verilator (cached)...")
+        tb = time.time()
+        bdir = build_overlay(cfg)
+        cached = time.time() - tb < 5
+        record = _json.loads((bdir / "build.json").read_text())
+        lo, n = al.out_region
+        run = run_overlay_jobs(cfg, [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n))
+                                     for j in al.jobs])
+        got = al.read_output(al.merge_outputs([r.ddr_out for r in run]))
+        exact = exact and bool(np.array_equal(got, want))
+        cycles = sum(r.cycles for r in run)
+        rd, wr = sum(r.rd_words for r in run), sum(r.wr_words for r in run)
+        out.update({"sim_cycles_per_s": round(run.cycles_per_s),
+                    "verilator_build_s": round(record["verilator_build_s"], 1),
+                    "generate_s": round(record["generate_s"], 1),
+                    "verilator_build_cached": cached,
+                    "model_vs_rtl_cycles": round(res.cycles / cycles, 3),
+                    "ddr_words_match_model": rd == res.rd_words and wr == res.wr_words})
+    out.update({
+        "cycles": cycles, "time_us": round(cycles / cfg.clock_mhz, 2),
+        "mac_utilization": round(al.macs / (cycles * peak), 4),
+        "effective_mac_utilization": round(al.macs / (cycles * peak), 4),
+        "ddr_bytes": (rd + wr) * t.block,
+        "ddr_ratio": round((rd + wr) * t.block / al.ddr_bytes_min, 3),
+        "bit_exact": exact, "wall_s": round(time.time() - t0, 1),
     })
     return out

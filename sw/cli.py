@@ -147,8 +147,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet50", choices=("resnet50", "inception_v3", "vgg16"),
                    help="layer: the torchvision network (default resnet50)")
     p.add_argument("--layer", default="layer3.1.conv2",
-                   help="layer: the torchvision module path of a Conv2d or Linear layer "
-                        "(default layer3.1.conv2)")
+                   help="layer: the torchvision module path of a Conv2d, Linear, MaxPool2d, "
+                        "AvgPool2d or AdaptiveAvgPool2d((1, 1)) layer (default layer3.1.conv2)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, input and masks")
     p.add_argument("--no-rtl", action="store_true",
                    help="golden model only (no Verilator): cycles from the cycle model")
@@ -174,7 +174,8 @@ def _print_bench(r: dict) -> None:
 
 
 def _print_bench_layer(r: dict) -> None:
-    print(f"{r['model']}.{r['layer']} {tuple(r['weight_shape'])} on {r['config']} "
+    what = tuple(r["weight_shape"]) if "weight_shape" in r else f"{r['kind']} {r['kernel']}"
+    print(f"{r['model']}.{r['layer']} {what} on {r['config']} "
           f"({r['peak_macs_per_cycle']} MAC/cycle), sparsity {r['sparsity']:g}, "
           f"{r['runs']} overlay run(s)")
     print(f"  cycles {r['cycles']:,} ({r['time_us']} us), MAC utilisation "

@@ -37,3 +37,18 @@ def test_bench_tile_rtl_json(capsys):
         assert key in r, key
     assert r["bit_exact"] is True and r["cycle_model_exact"] is True
     assert r["sim_cycles_per_s"] > 0
+
+
+def test_bench_layer_pool_and_conv_model_json(capsys):
+    """bench layer on the overlay model (no simulator): a torchvision pool module and the
+    issue's conv layer, bit-exact, with the figures the issue asks for."""
+    assert main(["bench", "layer", "aie2-2x2", "--model", "vgg16", "--layer", "features.30",
+                 "--no-rtl", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bit_exact"] is True and r["kind"] == "maxpool" and r["output_shape"] == [512, 7, 7]
+    assert main(["bench", "layer", "aie2-2x2", "--model", "resnet50", "--layer", "layer4.1.conv2",
+                 "--sparsity", "0.5", "--no-rtl", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("cycles", "mac_utilization", "ddr_bytes", "ddr_bytes_min", "bit_exact"):
+        assert key in r, key
+    assert r["bit_exact"] is True and r["ddr_bytes"] >= r["ddr_bytes_min"] * 0.95
