@@ -131,10 +131,7 @@ def bench_tile(cfg: OverlayConfig, *, sparsities: Sequence[float] = (0.0, 0.5, 0
 
         _say(progress, f"building the {cfg.name} tile in Verilator (cached by configuration "
                        f"hash)...")
-        t_build = time.time()
-        build_dir = build_tile(cfg)
-        cached = time.time() - t_build < 5
-        record = json.loads((build_dir / "build.json").read_text())
+        record, cached = _timed_build(lambda: build_tile(cfg))
         # the dense program runs again until >= SPEED_CYCLES cycles are simulated, so that the
         # speed figure does not hang on a run of a few milliseconds
         extra = -(-SPEED_CYCLES // cycles[0.0])
@@ -311,50 +308,12 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
         # (CONV block indices included), output packet headers and buffer descriptors
         "config_bytes": al.config_bytes(),
     }
-    cycles, rd, wr, exact = res.cycles, res.rd_words, res.wr_words, model_exact
-    if rtl:
-        import json as _json
-
-        from tilewright.sim.overlay_sim import OverlayJob, build_overlay, run_overlay_jobs
-
-        _say(progress, f"building the {cfg.name} overlay in Verilator (cached by "
-                       f"configuration hash)...")
-        tb = time.time()
-        bdir = build_overlay(cfg)
-        cached = time.time() - tb < 5
-        record = _json.loads((bdir / "build.json").read_text())
-        lo, n = al.out_region
-        jobs = [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n)) for j in al.jobs]
-        reps = max(1, -(-LAYER_SPEED_CYCLES // max(res.cycles, 1)))
-        _say(progress, f"running {len(jobs)} run(s) x {reps} in Verilator (repeats time the "
-                       f"simulator over >= {LAYER_SPEED_CYCLES} cycles)...")
-        run = run_overlay_jobs(cfg, jobs * reps)
-        first = run[:len(jobs)]
-        got = al.read_output(al.merge_outputs([r.ddr_out for r in first]))
-        exact = model_exact and bool(np.array_equal(got.reshape(want.shape), np.asarray(want)))
-        exact = exact and all(np.array_equal(r.ddr_out, first[i % len(jobs)].ddr_out)
-                              for i, r in enumerate(run))
-        cycles = sum(r.cycles for r in first)
-        rd, wr = sum(r.rd_words for r in first), sum(r.wr_words for r in first)
-        out.update({"sim_cycles_per_s": round(run.cycles_per_s),
-                    "verilator_build_s": round(record["verilator_build_s"], 1),
-                    "generate_s": round(record["generate_s"], 1),
-                    "verilator_build_cached": cached,
-                    "model_vs_rtl_cycles": round(res.cycles / cycles, 3),
-                    "ddr_words_match_model": rd == res.rd_words and wr == res.wr_words})
-    out.update({
-        "cycles": cycles,
-        "time_us": round(cycles / cfg.clock_mhz, 2),
-        # MACs the engines issue (non-zero blocks, channel padding included) per peak cycle
-        "mac_utilization": round(al.nnz_blocks * b * b * al.kernel[0] * al.kernel[1]
-                                 * al.out_shape[1] * al.out_shape[2] / (cycles * peak), 4),
-        # dense-equivalent MACs per peak cycle (above 1 when sparsity skips work)
-        "effective_mac_utilization": round(al.macs / (cycles * peak), 4),
-        "ddr_bytes": (rd + wr) * b,
-        "ddr_ratio": round((rd + wr) * b / al.ddr_bytes_min, 3),
-        "bit_exact": exact,
-        "wall_s": round(time.time() - t0, 1),
-    })
+    # MACs the engines issue (non-zero blocks, channel padding included)
+    issued = al.nnz_blocks * b * b * al.kernel[0] * al.kernel[1] * al.out_shape[1] \
+        * al.out_shape[2]
+    reps = max(1, -(-LAYER_SPEED_CYCLES // max(res.cycles, 1)))
+    out.update(_array_figures(cfg, al, res, want, model_exact, issued_macs=issued, rtl=rtl,
+                              repeats=reps, progress=progress, t0=t0))
     return out
 
 
@@ -414,24 +373,48 @@ def _bench_pool(cfg: OverlayConfig, model: str, layer: str, mod: torch.nn.Module
         "compile_s": round(compile_s, 2), "ddr_bytes_min": al.ddr_bytes_min,
         "config_bytes": al.config_bytes(),
     }
-    cycles, rd, wr = res.cycles, res.rd_words, res.wr_words
-    if rtl:
-        import json as _json
+    out.update(_array_figures(cfg, al, res, want, exact, issued_macs=al.macs, rtl=rtl,
+                              repeats=1, progress=progress, t0=t0))
+    return out
 
+
+def _timed_build(build: Callable[[], Any]) -> tuple[dict[str, Any], bool]:
+    """Run a cached Verilator ``build``: (its ``build.json``, whether it was already
+    cached)."""
+    t0 = time.time()
+    bdir = build()
+    cached = time.time() - t0 < 5
+    return json.loads((bdir / "build.json").read_text()), cached
+
+
+def _array_figures(cfg: OverlayConfig, al: Any, res: Any, want: Any, model_exact: bool, *,
+                   issued_macs: int, rtl: bool, repeats: int,
+                   progress: Callable[[str], None] | None, t0: float) -> dict[str, Any]:
+    """The figures of a compiled layer ``al`` whose overlay-model result is ``res``: on the
+    RTL (``rtl``; the runs repeated ``repeats`` times to time the simulator, every repeat
+    checked equal) or else on the model."""
+    peak = cfg.tile.macs_per_cycle * cfg.array.rows * cfg.array.cols
+    b = cfg.tile.block
+    cycles, rd, wr, exact = res.cycles, res.rd_words, res.wr_words, model_exact
+    out: dict[str, Any] = {}
+    if rtl:
         from tilewright.sim.overlay_sim import OverlayJob, build_overlay, run_overlay_jobs
 
-        _say(progress, f"building the {cfg.name} overlay in Verilator (cached)...")
-        tb = time.time()
-        bdir = build_overlay(cfg)
-        cached = time.time() - tb < 5
-        record = _json.loads((bdir / "build.json").read_text())
+        _say(progress, f"building the {cfg.name} overlay in Verilator (cached by "
+                       f"configuration hash)...")
+        record, cached = _timed_build(lambda: build_overlay(cfg))
         lo, n = al.out_region
-        run = run_overlay_jobs(cfg, [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n))
-                                     for j in al.jobs])
-        got = al.read_output(al.merge_outputs([r.ddr_out for r in run]))
-        exact = exact and bool(np.array_equal(got, want))
-        cycles = sum(r.cycles for r in run)
-        rd, wr = sum(r.rd_words for r in run), sum(r.wr_words for r in run)
+        jobs = [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n)) for j in al.jobs]
+        _say(progress, f"running {len(jobs)} run(s) x {repeats} in Verilator (repeats time "
+                       f"the simulator over >= {LAYER_SPEED_CYCLES} cycles)...")
+        run = run_overlay_jobs(cfg, jobs * repeats)
+        first = run[:len(jobs)]
+        got = al.read_output(al.merge_outputs([r.ddr_out for r in first]))
+        exact = model_exact and bool(np.array_equal(got.reshape(want.shape), np.asarray(want)))
+        exact = exact and all(np.array_equal(r.ddr_out, first[i % len(jobs)].ddr_out)
+                              for i, r in enumerate(run))
+        cycles = sum(r.cycles for r in first)
+        rd, wr = sum(r.rd_words for r in first), sum(r.wr_words for r in first)
         out.update({"sim_cycles_per_s": round(run.cycles_per_s),
                     "verilator_build_s": round(record["verilator_build_s"], 1),
                     "generate_s": round(record["generate_s"], 1),
@@ -439,11 +422,15 @@ def _bench_pool(cfg: OverlayConfig, model: str, layer: str, mod: torch.nn.Module
                     "model_vs_rtl_cycles": round(res.cycles / cycles, 3),
                     "ddr_words_match_model": rd == res.rd_words and wr == res.wr_words})
     out.update({
-        "cycles": cycles, "time_us": round(cycles / cfg.clock_mhz, 2),
-        "mac_utilization": round(al.macs / (cycles * peak), 4),
+        "cycles": cycles,
+        "time_us": round(cycles / cfg.clock_mhz, 2),
+        # MACs the engines issue per peak cycle
+        "mac_utilization": round(issued_macs / (cycles * peak), 4),
+        # dense-equivalent MACs per peak cycle (above 1 when sparsity skips work)
         "effective_mac_utilization": round(al.macs / (cycles * peak), 4),
-        "ddr_bytes": (rd + wr) * t.block,
-        "ddr_ratio": round((rd + wr) * t.block / al.ddr_bytes_min, 3),
-        "bit_exact": exact, "wall_s": round(time.time() - t0, 1),
+        "ddr_bytes": (rd + wr) * b,
+        "ddr_ratio": round((rd + wr) * b / al.ddr_bytes_min, 3),
+        "bit_exact": exact,
+        "wall_s": round(time.time() - t0, 1),
     })
     return out

@@ -75,8 +75,8 @@ LOCK_IN = 0
 LOCK_WFULL = ((1, 2), (3, 4))
 LOCK_WEMPTY = ((5, 6), (7, 8))
 LOCK_OFULL = (9, 10)
-#: Tile DMA channel numbers (``bd_ch``): S2MM 0 activations, S2MM 1/2 weight buses, MM2S.
-CH_ACT = 0
+#: Tile DMA channel numbers (``bd_ch``): S2MM 1/2 the weight buses, then MM2S (channel 0,
+#: the activation writer, takes no BDs).
 CH_W = (1, 2)
 CH_OUT = (N_S2MM, N_S2MM + 1)
 #: Buffer descriptors per tile channel (TileUnit default).
@@ -162,8 +162,6 @@ class ArrayJob:
         Per tile row, its output rectangle ``(h0, h1, w0, w1)``.
     chunks : list[list[Chunk]]
         Per column, its weight chunks in stream order.
-    stream_words : dict[tuple[int, int], int]
-        Words each (column, read channel) reads: headers included, padding excluded.
     """
 
     index: int
@@ -172,8 +170,6 @@ class ArrayJob:
     col_rows: list[list[int]]
     row_ranges: list[tuple[int, int, int, int]]
     chunks: list[list[Chunk]]
-    stream_words: dict[tuple[int, int], int] = field(default_factory=dict)
-    act_words: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def records(self, cfg: OverlayConfig) -> list:
         """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
@@ -613,7 +609,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # half on bus 1 (both of the column's read channels stream every chunk) --------------------
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
-    stream_words: dict[tuple[int, int], int] = {}
     wlines = _weight_lines_all(layer, b)
     qbytes = _qbytes_all(layer, b, t.qrec_words)
     weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
@@ -636,13 +631,11 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             words = np.concatenate(per_bus[bus])
             base = put(words)
             weight_bds[(c, bus)] = _linear_bds(base, words.size)
-            stream_words[(c, bus)] = stream_words.get((c, bus), 0) + int(words.size)
 
     # ---- activation slices: tile row r's slice, cut by input channel groups into parts
     # spread over all read channels (first in each channel's stream); each part carries its
     # tile-memory address and LOCK_IN, so the parts may arrive in any order -------------------
     act_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
-    act_words: dict[int, tuple[int, int]] = {}
     act_parts: dict[int, int] = {}
     # a tile row's parts on the two channels of one column (measured on aie2-4x4: 3 % fewer
     # cycles than spreading them over channel 0 of two columns, and every tile equally fast)
@@ -664,7 +657,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         plane = rows_in * cols_in
         groups = [p for p in _split_rows(geo.gin, min(nparts, geo.gin)) if p[1] > p[0]]
         act_parts[r] = len(groups)
-        real = 0
         for g0, g1 in groups:
             n_words = (g1 - g0) * plane
             route = (1 + n_words) | (1 << (rf.row + r))
@@ -676,10 +668,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             key = chans[turn % len(chans)]
             turn += 1
             act_bds.setdefault(key, []).extend([BufferDescriptor(hbase, (2,), (1,)), part])
-            n_real = 2 + (g1 - g0) * (y1 - y0) * (x1 - x0)
-            real += n_real
-            stream_words[key] = stream_words.get(key, 0) + n_real
-        act_words[r] = (real, 2 * len(groups) + geo.gin * plane)
 
     for c in range(C):
         for ch in (0, 1):
@@ -762,8 +750,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)
-    return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks, stream_words,
-                    act_words)
+    return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks)
 
 
 def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:
@@ -928,7 +915,6 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
     pad_word = int.from_bytes(bytes([pad_value & 0xFF]) * b, "little")
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
-    stream_words: dict[tuple[int, int], int] = {}
     tiles: list[TilePlan] = []
     for r in range(R):
         for c in range(C):
@@ -980,7 +966,6 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
                 shim_bds[c][bus] += [BufferDescriptor(hbase, (1,), (1,)), BufferDescriptor(
                     bases[k] + g0 * geo.h * geo.w + y0 * geo.w + x0, interior,
                     (1, geo.w, geo.h * geo.w))]
-                stream_words[(c, bus)] = stream_words.get((c, bus), 0) + 1 + n
                 tp.bds.setdefault(CH_W[bus], []).append(BufferDescriptor(
                     inb[k] + (y0 - a0) * cols_in + (x0 - b0), interior, (1, cols_in, plane),
                     release=LockAction(LOCK_WFULL[0][k], 1)))
@@ -1018,5 +1003,4 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
                                  f"{len(bds)} BDs, the shim has {cfg.ddr.bds_per_channel}")
             shim_bds[c][ch] = _chain(bds)
     col_rows = [list(g) for g in col_groups]
-    return ArrayJob(ji, tiles, shim_bds, col_rows, rects, [[] for _ in range(C)],
-                    stream_words, {})
+    return ArrayJob(ji, tiles, shim_bds, col_rows, rects, [[] for _ in range(C)])
