@@ -107,13 +107,19 @@ class TileModel:
     check_hazards : bool
         Raise :class:`HazardError` when the program relies on writebacks the RTL may not have
         finished (missing FENCE), since the RTL would then disagree with this model.
+    timing_only : bool
+        Count cycles without computing any op (no data written, no hazard checks, ``macs`` of
+        every op trace 0): the cycle counts are the same, since they depend on the program
+        and the lock grants only. The network compiler's estimator runs the overlay model so.
     """
 
-    def __init__(self, tile: TileConfig, *, check_hazards: bool = True) -> None:
+    def __init__(self, tile: TileConfig, *, check_hazards: bool = True,
+                 timing_only: bool = False) -> None:
         if not isinstance(tile, TileConfig):
             raise TypeError(f"tile must be a TileConfig, not {tile!r}")
         self.tile = tile
         self.check_hazards = check_hazards
+        self.timing_only = timing_only
 
     # ------------------------------------------------------------------------------------
     def run(self, program: list[int], dmem: np.ndarray, *,
@@ -234,9 +240,12 @@ class TileModel:
                 idx = idx[:ins.b]
             ready = c + 2
             pending = [(d, a) for (d, a) in pending if d >= ready]
-            reads, writes, macs = self._execute(op, ins, idx, params, words)
-            if self.check_hazards:
-                self._check(pc, reads, writes, pending)
+            if self.timing_only:
+                writes, macs = np.zeros(0, np.int64), 0
+            else:
+                reads, writes, macs = self._execute(op, ins, idx, params, words)
+                if self.check_hazards:
+                    self._check(pc, reads, writes, pending)
             # timing of the chunks
             ho, wo = params[Param.HO], params[Param.WO]
             wg = -(-wo // t.pixels)

@@ -34,7 +34,7 @@ from .verilator import (
 )
 
 __all__ = ["CfgRecord", "OverlayJob", "OverlayResult", "OverlayRun", "build_overlay",
-           "overlay_harness_parameters", "run_overlay_jobs"]
+           "overlay_harness_parameters", "record_lines", "run_overlay_jobs"]
 
 HARNESS_SV = Path(__file__).resolve().parent / "harness" / "overlay_harness.sv"
 HARNESS_TOP = "tw_overlay_harness"
@@ -183,6 +183,14 @@ def _record_hex(r: CfgRecord, cfg_bits: int) -> str:
     return f"{value:0{(32 + cfg_bits + 3) // 4}x}"
 
 
+def record_lines(records: Sequence[CfgRecord], cfg_bits: int) -> list[str]:
+    """The harness's ``cfg.hex`` lines for ``records`` (``Overlay(cfg).cfg_bits`` data bits),
+    with the terminating record (kind 15)."""
+    lines = [_record_hex(r, cfg_bits) for r in records]
+    lines.append(f"{15 << (28 + cfg_bits):0{(32 + cfg_bits + 3) // 4}x}")
+    return lines
+
+
 def _waits(cfg: OverlayConfig, status: list[int]) -> list[str]:
     R, C = cfg.array.rows, cfg.array.cols
     out = []
@@ -252,9 +260,7 @@ def run_overlay_jobs(cfg: OverlayConfig, jobs: Sequence[OverlayJob], *,
         words = np.asarray(job.ddr).astype(np.uint64)
         text = "\n".join(f"{int(w):0{digits}x}" for w in words) if words.size else ""
         (jd / "ddr.hex").write_text(text + "\n")
-        lines = [_record_hex(r, cfg_bits) for r in job.records]
-        lines.append(f"{15 << (28 + cfg_bits):0{(32 + cfg_bits + 3) // 4}x}")   # kind 15: end
-        (jd / "cfg.hex").write_text("\n".join(lines) + "\n")
+        (jd / "cfg.hex").write_text("\n".join(record_lines(job.records, cfg_bits)) + "\n")
         for name in ("ddr_out.hex", "status.hex"):
             (jd / name).unlink(missing_ok=True)
         job_list.append({"timeout_cycles": job.timeout_cycles,

@@ -63,6 +63,7 @@ __all__ = [
     "ArrayJob",
     "ArrayLayer",
     "Chunk",
+    "Placement",
     "TilePlan",
     "compile_conv_array",
 ]
@@ -81,6 +82,9 @@ CH_W = (1, 2)
 CH_OUT = (N_S2MM, N_S2MM + 1)
 #: Buffer descriptors per tile channel (TileUnit default).
 TILE_BDS = 16
+#: What the run splitter charges for one more overlay run, in DDR words (its start-up: the
+#: DDR latency, the first weight chunk and the input slice before any tile computes).
+RUN_COST_WORDS = 2048
 #: Largest size of one BD dimension.
 _DIM_MAX = (1 << 16) - 1
 
@@ -199,6 +203,26 @@ class ArrayJob:
         return out + tasks
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a layer's tensors and streams sit in a network's DDR image (word addresses).
+
+    Attributes
+    ----------
+    inputs : tuple of int
+        First word of each input tensor (channel-group planes ``[G][H][W]``), in operand
+        order.
+    output : int
+        First word of the output tensor (inside a concat's buffer for a concat input).
+    streams : int
+        First free word: the layer's packet headers and weight streams go from here on.
+    """
+
+    inputs: tuple[int, ...]
+    output: int
+    streams: int
+
+
 @dataclass
 class ArrayLayer:
     """A layer compiled for an overlay.
@@ -206,9 +230,11 @@ class ArrayLayer:
     Attributes
     ----------
     ddr : numpy.ndarray
-        The DDR image (unsigned words), input and weight streams filled, output zero.
+        The DDR image (unsigned words) from word :attr:`ddr_base` on: stand-alone (no
+        :class:`Placement`), the input and the weight streams from word 0, the output zero;
+        placed in a network's image, the layer's own headers and weight streams only.
     in_region, out_region : (int, int)
-        ``(first word, words)`` of the input and output tensors.
+        ``(first word, words)`` of the (first) input and of the output tensor.
     out_shape : (int, int, int)
     jobs : list[ArrayJob]
     macs : int
@@ -232,6 +258,8 @@ class ArrayLayer:
     ddr_bytes_min: int
     kernel: tuple[int, int]
     stride: int
+    ddr_base: int = 0
+    operand_regions: tuple[tuple[int, int], ...] = ()
 
     def config_bytes(self) -> int:
         """Bytes the configuration port loads over all runs: programs (8 bytes a word, block
@@ -441,7 +469,7 @@ def _chunks(rows: list[int], per_row: list[int], cap: int, b: int, qrec: int,
 
 
 def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
-                       name: str | None = None) -> ArrayLayer:
+                       name: str | None = None, place: Placement | None = None) -> ArrayLayer:
     """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
 
     Parameters
@@ -449,8 +477,11 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     layer : ConvLayer
         The quantised layer (its zero 8x8 blocks are skipped).
     x : numpy.ndarray
-        int8 input ``(Cin, H, W)`` (linear: ``(Cin,)``).
+        int8 input ``(Cin, H, W)`` (linear: ``(Cin,)``); with ``place`` only its shape counts.
     cfg : OverlayConfig
+    place : Placement, optional
+        Compile for a network's DDR image: the input and output at the given addresses (not
+        in :attr:`ArrayLayer.ddr`), the headers and weight streams from ``place.streams``.
 
     Raises
     ------
@@ -482,11 +513,19 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     qrec = t.qrec_words
 
     # ---- DDR: input and output tensors ----------------------------------------------------
-    in_words = _planes(xa, b)
-    in_base, out_base = 0, in_words.size
     out_words = geo.gout * ho * wo
-    chunks_of_ddr: list[np.ndarray] = [in_words, np.zeros(out_words, dtype=np.uint64)]
-    ddr_top = out_base + out_words
+    if place is None:
+        in_words = _planes(xa, b)
+        in_size = in_words.size
+        in_base, out_base = 0, in_size
+        chunks_of_ddr: list[np.ndarray] = [in_words, np.zeros(out_words, dtype=np.uint64)]
+        ddr_top = out_base + out_words
+    else:
+        in_size = geo.gin * h * w
+        in_base, out_base = place.inputs[0], place.output
+        chunks_of_ddr = []
+        ddr_top = place.streams
+    ddr_base = ddr_top - sum(c.size for c in chunks_of_ddr)
 
     def put(words: np.ndarray) -> int:
         nonlocal ddr_top
@@ -497,19 +536,25 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     # ---- partition ---------------------------------------------------------------------------
     col_rows_all = _balance(nnz_row, C)
+    # the split into runs with the least extra DDR traffic (weights re-read per output-row
+    # part, the input re-read per block-row part) plus RUN_COST_WORDS per run; for a given
+    # row split more block-row parts only cost more, so the first that fits is its best
     best = None
     for n_rsplit in range(1, ho + 1):
+        w_cost = (n_rsplit - 1) * sum(w_words_row)
+        if best is not None and w_cost >= best[0]:
+            break
         for n_gsplit in range(1, geo.gout + 1):
+            cost = w_cost + (n_gsplit - 1) * in_size
+            if best is not None and cost >= best[0]:
+                break
             plan = _try_plan(geo, col_rows_all, w_words_row, nnz_row, n_rsplit, n_gsplit, R, t,
                              qrec)
             if plan is not None:
-                cost = (n_rsplit - 1) * sum(w_words_row) + (n_gsplit - 1) * in_words.size
+                cost += len(plan) * RUN_COST_WORDS
                 if best is None or cost < best[0]:
                     best = (cost, plan)
-            if best is not None and n_gsplit > 1 and best[0] == 0:
                 break
-        if best is not None:
-            break
     if best is None:
         biggest = max(w_words_row) + _align(qrec, b)
         raise ValueError(
@@ -532,8 +577,9 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     nnz = int(mask.sum())
     macs = cout * cin * kh * kw * ho * wo
     ddr_min = (nnz * taps * b * b + nnz * 2 + cout * 8 + cin * h * w + cout * ho * wo)
-    return ArrayLayer(lname, cfg, ddr, (in_base, in_words.size), (out_base, out_words),
-                      (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s)
+    return ArrayLayer(lname, cfg, ddr, (in_base, in_size), (out_base, out_words),
+                      (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s,
+                      ddr_base, ((in_base, in_size),))
 
 
 def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
@@ -792,7 +838,8 @@ def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
 
 def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: OverlayConfig, *,
                           x_b: np.ndarray | None = None,
-                          name: str | None = None) -> ArrayLayer:
+                          name: str | None = None, place: Placement | None = None
+                          ) -> ArrayLayer:
     """Compile a max/average pool or a residual add (second operand ``x_b``) for ``cfg``'s
     array.
 
@@ -802,6 +849,8 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
     packet per tile, without padding: the tile's halo words are set by the configuration (-128
     for a max pool, 0 otherwise), so that padding never crosses DDR and max pools see -128.
     Requantisation records (per-channel multipliers; an add's biases) are configuration too.
+    With ``place`` (see :func:`compile_conv_array`) the operands and the output are at the
+    placement's addresses and only the inputs' shapes count.
     """
     from tilewright.sw.tile_compiler import _int_vector
 
@@ -838,16 +887,22 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
                                  name="q"), b, t.qrec_words)
 
     # ---- DDR ------------------------------------------------------------------------------
-    operands = [_planes(xa, b)] + ([_planes(np.asarray(x_b), b)] if is_add else [])
-    parts = list(operands)
-    bases = []
-    top = 0
-    for o in operands:
-        bases.append(top)
-        top += o.size
-    out_base, out_words = top, G * ho * wo
-    parts.append(np.zeros(out_words, np.uint64))
-    top += out_words
+    n_ops = 2 if is_add else 1
+    op_words = G * h * w
+    out_words = G * ho * wo
+    if place is None:
+        parts = [_planes(xa, b)] + ([_planes(np.asarray(x_b), b)] if is_add else [])
+        bases = [i * op_words for i in range(n_ops)]
+        out_base = n_ops * op_words
+        parts.append(np.zeros(out_words, np.uint64))
+        top = out_base + out_words
+        ddr_base = 0
+    else:
+        if len(place.inputs) != n_ops:
+            raise ValueError(f"layer {lname!r}: placement gives {len(place.inputs)} inputs, "
+                             f"the layer has {n_ops}")
+        parts, bases, out_base = [], list(place.inputs), place.output
+        top = ddr_base = place.streams
 
     def put(words: np.ndarray) -> int:
         nonlocal top
@@ -863,7 +918,7 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
         rmax = max(hb - ha for ha, hb, _, _ in rects)
         cmax = max(wb - wa for _, _, wa, wb in rects)
         gmax = -(-max(len(g) for g in col_groups) // n_gsplit)
-        need = (_align(gmax * t.qrec_words, b) + len(operands) * gmax
+        need = (_align(gmax * t.qrec_words, b) + n_ops * gmax
                 * geo.rows_in(rmax) * geo.cols_in(cmax)
                 + gmax * _out_layout(geo, rmax, cmax)[1])
         return need <= t.dmem_words
@@ -893,14 +948,15 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
         for rects in rect_sets:
             jobs.append(_eltwise_job(len(jobs), layer, geo, cfg, rf, rects, sub, bases,
                                      out_base, qrec, pad_value, put))
-    ddr = np.concatenate(parts)
+    ddr = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
     if b < 8:
         ddr &= np.uint64((1 << (8 * b)) - 1)
-    nbytes_io = len(operands) * cin * h * w + cout * ho * wo
+    nbytes_io = n_ops * cin * h * w + cout * ho * wo
     macs = (2 if is_add else kh * kw) * cout * ho * wo
-    return ArrayLayer(lname, cfg, ddr, (0, operands[0].size), (out_base, out_words),
+    return ArrayLayer(lname, cfg, ddr, (bases[0], op_words), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, 0,
-                      nbytes_io, (kh, kw), s)
+                      nbytes_io, (kh, kw), s, ddr_base,
+                      tuple((a, op_words) for a in bases))
 
 
 def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,

@@ -25,8 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tilewright.hw.config import ConfigError, OverlayConfig, load_config
+
+if TYPE_CHECKING:
+    from tilewright.sw.netcompile import CompiledNetwork
 
 __all__ = ["COMMANDS", "CONFIG_HELP", "Command", "command", "config_dir", "load_config_arg",
            "main"]
@@ -246,6 +250,129 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    progress=lambda msg: print(f"      {msg}", flush=True))
     _print_bench(r)
     return 0 if r["bit_exact"] else 1
+
+
+# compile / verify -------------------------------------------------------------------------------
+
+MODEL_HELP = ("resnet50, inception_v3, vgg16 (torchvision, seeded initialisation) or an "
+              "importable module:factory returning an nn.Module")
+
+
+def _shape3(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,224,224), not {text!r}") \
+            from None
+    return c, h, w
+
+
+def _net_args(p: argparse.ArgumentParser, verify: bool) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--overlay", required=True, metavar="CONFIG", help=CONFIG_HELP)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--sparsity", type=float, default=0.0, metavar="S",
+                     help="block sparsity given to every layer but the first conv (smallest "
+                          "L2 blocks zeroed; default 0)")
+    src.add_argument("--checkpoint", type=Path, metavar="FILE",
+                     help="a trainer checkpoint: its masks and QAT scales (MODEL is then only "
+                          "a label)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the initialisation, calibration and test images (default 0)")
+    p.add_argument("--calib", type=int, default=2, metavar="N",
+                   help="calibration images for the activation scales (default 2)")
+    p.add_argument("--input-shape", type=_shape3, metavar="C,H,W",
+                   help="input shape of a module:factory model (default: its input_shape "
+                        "attribute, else 3,224,224)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if not verify:
+        p.add_argument("-o", "--output", type=Path, metavar="DIR",
+                       help="write the manifest, the DDR image and every run's configuration "
+                            "records (programs, BDs, locks) here")
+
+
+def _compile(args: argparse.Namespace, estimate: bool = True) -> CompiledNetwork:
+    from tilewright.sw.netcompile import compile_network
+
+    cfg = load_config_arg(args.overlay)
+    return compile_network(args.model, cfg, sparsity=args.sparsity,
+                           checkpoint=args.checkpoint, seed=args.seed, calib=args.calib,
+                           input_shape=args.input_shape, estimate=estimate,
+                           bar=sys.stderr.isatty())
+
+
+def _net_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print a model that cannot be imported, quantised or compiled as ``error: ...`` (exit
+    status 1) instead of a traceback."""
+    def wrapped(args: argparse.Namespace) -> int:
+        from tilewright.sw.graph import GraphError
+        from tilewright.sw.netcompile import CompileError
+        from tilewright.sw.ptq import QuantError
+
+        try:
+            return run(args)
+        except (GraphError, CompileError, QuantError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+@command("compile", "compile a PyTorch model to per-tile programs, datamover descriptors and a "
+         "DDR image, with per-layer cycle and DDR estimates", lambda p: _net_args(p, False))
+@_net_errors
+def cmd_compile(args: argparse.Namespace) -> int:
+    import json
+
+    cn = _compile(args)
+    if args.output is not None:
+        cn.write(args.output)
+    if args.json:
+        print(json.dumps(cn.summary()))
+    else:
+        print(cn.table())
+        if args.output is not None:
+            print(f"wrote {args.output}/manifest.json, ddr.bin "
+                  f"({cn.ddr_words * cn.cfg.tile.word_bytes / 1e6:.1f} MB) and "
+                  f"{sum(cl.runs for cl in cn.layers)} run configurations under "
+                  f"{args.output}/runs")
+    return 0
+
+
+@command("verify", "run every compiled layer of a model on the overlay's Python model and "
+         "compare it with the integer PyTorch reference", lambda p: _net_args(p, True))
+@_net_errors
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from tilewright.sw.netcompile import verify_network
+
+    t0 = time.perf_counter()
+    cn = _compile(args, estimate=False)
+    if not args.json:
+        print(f"{cn.model} on {cn.cfg.name}, sparsity {cn.sparsity}: {len(cn.layers)} layers "
+              f"compiled in {cn.compile_s:.1f} s; running them on the overlay model ...",
+              flush=True)
+
+    def line(c) -> None:
+        if not args.json:
+            verdict = "ok" if c.ok else f"MISMATCH ({c.mismatches} values)"
+            print(f"  {c.name:40s} {c.kind:15s} {c.cycles:10d} cycles  {verdict}", flush=True)
+
+    checks, _ = verify_network(cn, seed=args.seed, progress=line, bar=sys.stderr.isatty())
+    ok = all(c.ok for c in checks)
+    bad = [c.name for c in checks if not c.ok]
+    dt = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"model": cn.model, "config": cn.cfg.name, "sparsity": cn.sparsity,
+                          "layers": [c.__dict__ for c in checks], "pass": ok,
+                          "mismatched_layers": bad, "cycles": sum(c.cycles for c in checks),
+                          "wall_s": round(dt, 1)}))
+    else:
+        n = len(checks)
+        print(f"{'PASS' if ok else 'FAIL'}: {n - len(bad)} of {n} layers bit-exact with the "
+              f"integer PyTorch reference ({dt:.1f} s)" + (f"; mismatched: {', '.join(bad)}"
+                                                           if bad else ""))
+    return 0 if ok else 1
 
 
 # train / prune --------------------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""The network compiler (issue 5): pruning, the DDR memory plan, whole networks compiled and
+verified on the overlay model against the integer PyTorch oracle, the CLI, and a reduced
+network run layer by layer on the RTL."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tilewright.hw.config import load_config
+from tilewright.sw.cli import main
+from tilewright.sw.graph import import_model
+from tilewright.sw.netcompile import (
+    CompileError,
+    block_prune,
+    compile_network,
+    load_model,
+    plan_memory,
+    verify_network,
+)
+from tilewright.sw.quantize import block_mask
+
+TINY = "tilewright.sw.testnets:tiny_resnet"
+TINY_VGG = "tilewright.sw.testnets:tiny_vgg"
+
+
+def _cfg(name: str):
+    return load_config(f"overlay_configs/{name}.yaml")
+
+
+def _graph(spec: str = TINY):
+    net, shape, _ = load_model(spec, seed=0)
+    return import_model(net, shape)
+
+
+def test_block_prune_exact_counts_first_conv_dense():
+    g = _graph()
+    got = block_prune(g, 0.5, block=8)
+    convs = [n for n in g if n.kind in ("conv", "linear")]
+    assert got[convs[0].name] == 0.0
+    for n in convs:
+        w = n.weight.detach().numpy()
+        m = block_mask(w if w.ndim == 4 else w[:, :, None, None], 8)
+        want = 0 if n is convs[0] else int(np.floor(0.5 * m.size + 0.5))
+        assert m.size - m.sum() == want, n.name
+    # the kept blocks are the largest by L2
+    n = convs[1]
+    w = n.weight.detach().to(torch.float64)
+    g2 = _graph()
+    w0 = g2[n.name].weight.detach().to(torch.float64)
+    norms = w0.reshape(w0.shape[0] // 8, 8, w0.shape[1] // 8, 8, -1).pow(2).sum((1, 3, 4))
+    kept = w.reshape(w.shape[0] // 8, 8, w.shape[1] // 8, 8, -1).abs().sum((1, 3, 4)) > 0
+    assert norms[kept].min() >= norms[~kept].max()
+
+
+def test_block_prune_linear_after_flatten_uses_conv_blocks():
+    g = _graph(TINY_VGG)
+    block_prune(g, 0.5, block=8)
+    fc = g["classifier.0"]
+    w = fc.weight.detach().numpy().reshape(64, 32, 4, 4)
+    m = block_mask(w, 8)                                    # 8 x 4x4 taps x 8 blocks
+    assert m.size - m.sum() == m.size // 2
+
+
+def _overlap(a0: int, n0: int, a1: int, n1: int) -> bool:
+    return a0 < a1 + n1 and a1 < a0 + n0
+
+
+def test_memory_plan_concat_in_place_and_no_live_overlap():
+    g = _graph()
+    plan = plan_memory(g, 8)
+    cat = g["cat"]
+    off = plan.base["cat"]
+    for t in cat.inputs:                 # each branch writes its slice of the concat buffer
+        assert plan.base[t] == off
+        off += plan.words[t]
+    assert plan.base["flatten"] == plan.base[g["flatten"].inputs[0]]
+    assert plan.arena_words < plan.unshared_words      # buffers are shared
+    # tensors alive at the same time never overlap (unless one lies inside the other)
+    pos = {g.input_name: -1} | {n.name: i for i, n in enumerate(g.nodes)}
+    life = {}
+    for t in plan.base:
+        users = [pos[u] for u in g.users(t)]
+        life[t] = (pos[t], max(users, default=len(g.nodes)))
+    names = list(plan.base)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            la, lb = life[a], life[b]
+            if la[1] < lb[0] or lb[1] < la[0]:
+                continue
+            if not _overlap(plan.base[a], plan.words[a], plan.base[b], plan.words[b]):
+                continue
+            inside = (plan.base[b] >= plan.base[a] and plan.base[b] + plan.words[b]
+                      <= plan.base[a] + plan.words[a]) or \
+                     (plan.base[a] >= plan.base[b] and plan.base[a] + plan.words[a]
+                      <= plan.base[b] + plan.words[b])
+            assert inside, f"{a} and {b} are alive together and overlap"
+
+
+@pytest.mark.parametrize("cfg_name,spec,sparsity", [
+    ("tiny-2x2", TINY, 0.0), ("tiny-2x2", TINY, 0.5), ("tiny-2x3", TINY, 0.5),
+    ("tiny-2x2", TINY_VGG, 0.5), ("aie2-2x2", TINY, 0.5), ("aie2-1x1", TINY_VGG, 0.0)])
+def test_network_verifies_bit_exact(cfg_name, spec, sparsity):
+    cfg = _cfg(cfg_name)
+    cn = compile_network(spec, cfg, sparsity=sparsity, seed=1)
+    checks, _ = verify_network(cn, seed=1)
+    bad = [c for c in checks if not c.ok]
+    assert not bad, f"{cfg_name} {spec} S={sparsity} seed=1: {bad}"
+    kinds = {c.kind for c in checks}
+    assert {"conv", "linear"} <= kinds
+    s = cn.summary()
+    assert s["cycles"] == sum(cl.cycles for cl in cn.layers) > 0
+    assert s["time_ms"] == pytest.approx(s["cycles"] / (cfg.clock_mhz * 1e3))
+    for cl in cn.layers:
+        if cl.array is None:
+            continue
+        assert cl.cycles >= max(cl.compute, cl.ddr) - 1 or cl.sync == 0, cl.name
+        assert cl.ddr_bytes >= 0.9 * cl.ddr_bytes_lower_bound, cl.name
+    # the model's cycles in verify (data) equal the estimate (timing only)
+    by = {c.name: c.cycles for c in checks}
+    for cl in cn.layers:
+        if cl.array is not None:
+            assert by[cl.name] == cl.cycles, cl.name
+
+
+def test_tiny_resnet_covers_every_op_kind():
+    g = _graph()
+    assert set(g.kinds()) >= {"conv", "linear", "maxpool", "avgpool", "global_avgpool", "add",
+                              "concat", "flatten"}
+
+
+def test_verify_detects_a_corrupted_weight_and_a_bad_memory_plan():
+    cfg = _cfg("tiny-2x2")
+    cn = compile_network(TINY, cfg, sparsity=0.0, seed=2, estimate=False)
+    # one weight word of b3.0's stream flipped: that layer (and what reads it) mismatch
+    cl = next(c for c in cn.layers if c.name == "b3.0")
+    arr = cl.array
+    ddr = arr.ddr.copy()
+    ddr[-1] ^= np.uint64(0x55)
+    cl.array = dataclasses.replace(arr, ddr=ddr)
+    checks, _ = verify_network(cn, seed=2)
+    assert not next(c for c in checks if c.name == "b3.0").ok
+    assert next(c for c in checks if c.name == "stem.0").ok
+    # a plan that puts the add's output on top of its second input, still needed: caught
+    cn = compile_network(TINY, cfg, sparsity=0.0, seed=2, estimate=False)
+    checks, _ = verify_network(cn, seed=2)
+    assert all(c.ok for c in checks)
+    g = cn.qnet.graph
+    pool = g["add"].inputs[0]
+    cn.plan.base["b1.0"] = cn.plan.base[pool]           # b1 overwrites the pooled input
+    cn2 = compile_network(TINY, cfg, sparsity=0.0, seed=2, estimate=False)
+    cn2.plan = cn.plan
+    idx = next(i for i, c in enumerate(cn2.layers) if c.name == "b1.0")
+    from tilewright.sw.array_compiler import Placement, compile_conv_array
+    from tilewright.sw.netcompile import _layer_of
+    arr = cn2.layers[idx].array
+    cn2.layers[idx].array = compile_conv_array(
+        _layer_of(g, cn2.qnet, g["b1.0"], cfg.tile.block), np.zeros(arr.in_shape, np.int8),
+        cfg, place=Placement((cn.plan.base[pool],), cn.plan.base[pool], arr.ddr_base))
+    checks, _ = verify_network(cn2, seed=2)
+    assert not all(c.ok for c in checks)
+
+
+def test_unsupported_model_and_bad_spec_are_errors(capsys):
+    with pytest.raises(CompileError, match="module:factory"):
+        load_model("resnet5")
+    with pytest.raises(CompileError, match="cannot import"):
+        load_model("no_such_module_xyz:f")
+    rc = main(["compile", "torch.nn:Sigmoid", "--overlay", "tiny-2x2", "--input-shape",
+               "8,4,4"])
+    assert rc == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_compile_json_and_outputs(tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = main(["compile", TINY, "--overlay", "tiny-2x2", "--sparsity", "0.5", "--json",
+               "-o", str(out)])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("cycles", "time_ms", "ddr_bytes", "ddr_bytes_lower_bound", "compile_s",
+                "layers", "mac_utilization", "compute_cycles", "ddr_cycles", "sync_cycles"):
+        assert key in r, key
+    assert r["cycles"] == sum(la["cycles"] for la in r["layers"])
+    assert r["ddr_bytes"] == sum(la["ddr_bytes"] for la in r["layers"])
+    man = json.loads((out / "manifest.json").read_text())
+    cfg = _cfg("tiny-2x2")
+    assert (out / "ddr.bin").stat().st_size == man["ddr_image"]["words"] * cfg.tile.word_bytes
+    runs = [f for la in man["layers"] for f in la["runs"]]
+    assert len(runs) == sum(la["runs"] for la in r["layers"])
+    assert all((out / f).read_text().strip() for f in runs)
+
+
+def test_cli_compile_table_and_verify(capsys):
+    assert main(["compile", TINY_VGG, "--overlay", "tiny-2x2"]) == 0
+    text = capsys.readouterr().out
+    assert "classifier.0" in text and "cycles" in text
+    assert main(["verify", TINY_VGG, "--overlay", "tiny-2x2", "--sparsity", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "MISMATCH" not in text
+
+
+@pytest.mark.verilator
+def test_tiny_network_on_rtl_layer_by_layer():
+    """tiny_resnet on tiny-2x2, every layer's compiled runs (the configuration records that
+    `compile -o` writes) on the Verilator overlay, chained through one DDR image: every
+    layer's output equals the integer oracle and the overlay model's DDR word counts."""
+    from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
+
+    cfg = _cfg("tiny-2x2")
+    cn = compile_network(TINY, cfg, sparsity=0.5, seed=3)
+    checks, env = verify_network(cn, seed=3)
+    assert all(c.ok for c in checks)
+    from tilewright.sw.array_compiler import _planes
+
+    b = cfg.tile.block
+    ddr = cn.image()
+    g = cn.qnet.graph
+    x = _planes(env[g.input_name][0].numpy(), b)
+    a = cn.plan.base[g.input_name]
+    ddr[a:a + x.size] = x
+    for cl in cn.layers:
+        if cl.array is None:
+            continue
+        arr = cl.array
+        lo, n = arr.out_region
+        jobs = [OverlayJob(ddr.copy(), job.records(cfg), (lo, lo + n)) for job in arr.jobs]
+        results = list(run_overlay_jobs(cfg, jobs))
+        out = arr.merge_outputs([r.ddr_out for r in results])
+        ddr[lo:lo + n] = out
+        got = arr.read_output(out)
+        want = env[cl.name][0].numpy().reshape(got.shape)
+        assert np.array_equal(got, want), f"{cl.name}: RTL output differs (seed=3)"
+        assert sum(r.rd_words + r.wr_words for r in results) * cfg.tile.word_bytes \
+            == cl.ddr_bytes, cl.name
