@@ -18,11 +18,16 @@ from its DDR image and configuration, without the compiler's help:
 
 Timing (an estimate; ``docs/architecture.md`` says how it compares with the RTL): every DDR
 channel moves a word every ``word_bytes / bytes_per_cycle`` cycles and pays the configured
-latency once per task; a packet on a column bus is broadcast, so it starts when the channel
-has finished the previous one *and* every tile it goes to can take it (its acquire lock was
-released); padding words cost a cycle each; outputs queue on the column's write channel. The
-tiles of a column depend on each other only through those start times, so the model iterates
-the tiles' golden runs until the start times no longer change.
+latency once per task (one task per channel); padding words cost a cycle each. A packet holds
+its buses (row buses and column buses are packet-level merges of the read channels) from its
+header to its last word, so packets of other channels bound for the same bus wait and stream
+from DDR only afterwards; it streams once every tile it goes to can take it (its acquire lock
+was released); packets streaming into a tile at the same time share the tile's memory port
+(one word per cycle, max-min fair). The core is granted a lock a channel releases at the
+cycle that release lands, not earlier, even when the model ran the channel ahead. Outputs
+queue on the column's write channel. The tiles of a column depend on each other only through
+the packets' start times, so the model iterates the tiles' golden runs until those no longer
+change.
 """
 
 from __future__ import annotations
@@ -130,6 +135,34 @@ def _reads_mask(words: np.ndarray, n_real: int) -> np.ndarray:
     return m
 
 
+def _fair_rates(flows: dict) -> dict:
+    """Max-min fair rates (words per cycle) of ``flows`` (each with its own ``cap`` and the
+    ``tiles`` whose one-word-per-cycle memory ports it uses)."""
+    rates: dict = {}
+    left: dict = {}
+    for f in flows.values():
+        for t in f["tiles"]:
+            left[t] = 1.0
+    todo = set(flows)
+    while todo:
+        cnt: dict = {}
+        for fk in todo:
+            for t in flows[fk]["tiles"]:
+                cnt[t] = cnt.get(t, 0) + 1
+        f_min = min(todo, key=lambda fk: flows[fk]["cap"])
+        share = min(((left[t] / n, t) for t, n in cnt.items()), default=(float("inf"), None))
+        if flows[f_min]["cap"] <= share[0]:
+            fix = [(f_min, flows[f_min]["cap"])]
+        else:
+            fix = [(fk, share[0]) for fk in todo if share[1] in flows[fk]["tiles"]]
+        for fk, r in fix:
+            rates[fk] = r
+            todo.discard(fk)
+            for t in flows[fk]["tiles"]:
+                left[t] = max(0.0, left[t] - r)
+    return rates
+
+
 class _TileEnv:
     """The datamover channels of one tile, driven from the golden model's lock hook."""
 
@@ -147,6 +180,27 @@ class _TileEnv:
         self.outputs: list[tuple[int, float, np.ndarray]] = []   # (mm2s ch, cycle, words)
         self.lock_free: dict[int, float] = {}
         self.cur_avail = 0.0
+        # releases by the channels not yet seen by the core: lock -> [(cycle, value)]; a lock
+        # a channel releases is the core's only when it acquires it, at the release's cycle
+        self.pending: dict[int, list[tuple[float, int]]] = {}
+
+    def _release(self, lock: int, value: int, when: float) -> None:
+        self.pending.setdefault(lock, []).append((when, value))
+
+    def _pending_value(self, lock: int) -> int:
+        return sum(v for _, v in self.pending.get(lock, ()))
+
+    def _claim(self, lock: int, value: int, locks: list[int]) -> float:
+        """Move pending releases of ``lock`` into ``locks`` (earliest first) until it holds
+        ``value``; the cycle the last one needed landed."""
+        toks = sorted(self.pending.get(lock, ()))
+        t = 0.0
+        while locks[lock] < value and toks:
+            when, v = toks.pop(0)
+            locks[lock] = min(locks[lock] + v, 63)
+            t = max(t, when)
+        self.pending[lock] = toks
+        return t
 
     def _next_bd(self, ch: int, i: int | None, locks: list[int]) -> BufferDescriptor | None:
         """BD ``i`` of channel ``ch`` if its chain has one and its acquire can be granted now
@@ -156,6 +210,8 @@ class _TileEnv:
             return None
         bd = bds[i]
         if bd.acquire is not None:
+            if locks[bd.acquire.id] < bd.acquire.value:
+                self._claim(bd.acquire.id, bd.acquire.value, locks)
             if locks[bd.acquire.id] < bd.acquire.value:
                 return None
             locks[bd.acquire.id] -= bd.acquire.value
@@ -175,7 +231,7 @@ class _TileEnv:
         words = pk.words[1:1 + n]
         wv = mem.view(np.uint8).reshape(-1, t.block)
         wv[addr:addr + n] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :t.block]
-        locks[lock] = min(locks[lock] + 1, 63)
+        self._release(lock, 1, pk.end)
         self.avail[(self.key, 0, j)] = 0.0
         return pk.end, lock
 
@@ -196,7 +252,7 @@ class _TileEnv:
         wv = mem.view(np.uint8).reshape(-1, b)
         wv[addrs] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :b]
         if bd.release is not None:
-            locks[bd.release.id] = min(locks[bd.release.id] + bd.release.value, 63)
+            self._release(bd.release.id, bd.release.value, arrival)
         self.pos[ch] = bd.next_bd
         return arrival, (bd.release.id if bd.release is not None else None)
 
@@ -232,23 +288,20 @@ class _TileEnv:
         words = np.where(ok, pad.view("<u8").reshape(-1), 0).astype(np.uint64)
         self.outputs.append((ch, cycle, words))
         if bd.release is not None:
-            locks[bd.release.id] = min(locks[bd.release.id] + bd.release.value, 63)
+            self._release(bd.release.id, bd.release.value, float(cycle))
         self.out_pos[ch] = bd.next_bd
         return True
 
     # -- the hook -----------------------------------------------------------------------------
     def acquire(self, lock: int, value: int, cycle: int, locks: list[int],
                 mem: np.ndarray) -> int:
-        t = float(cycle)
         progress = True
-        while locks[lock] < value and progress:
+        while locks[lock] + self._pending_value(lock) < value and progress:
             progress = False
             for ch in range(N_S2MM):
-                step = self._s2mm_step(ch, locks, mem, cycle)
-                if step is not None:
+                if self._s2mm_step(ch, locks, mem, cycle) is not None:
                     progress = True
-                    if step[1] == lock:
-                        t = max(t, step[0])
+        t = max(float(cycle), self._claim(lock, value, locks))
         if locks[lock] < value:
             raise DeadlockError(f"tile ({self.tp.r},{self.tp.c}) waits on lock {lock} for "
                                 f"{value} at cycle {cycle}; no datamover channel can release "
@@ -381,28 +434,89 @@ class OverlayModel:
         return ddr, res
 
     def _time_packets(self, chans, dest, avail, step, lat) -> None:
-        """Arrival times of every packet: a channel's packets in order, each starting when the
-        previous has left and every destination can take it; a tile's data-memory port takes
-        one word per cycle, so packets bound for the same tile share it (in start order)."""
-        heap = []
+        """Arrival times of every packet, by a fluid simulation of the read side.
+
+        * A read channel sends its packets in order; its first DDR read waits ``lat`` cycles
+          (one task per channel), then a word takes ``step`` cycles (padding one).
+        * The row buses and the column buses are packet-level round-robin merges of the read
+          channels that feed them (:class:`~tilewright.hw.packet.PacketMerge`): a packet
+          holds its buses from its header to its last word, and the other channels' packets
+          wait (the read channels buffer only a few words), first come first served.
+        * A packet that holds its buses streams once every tile it goes to can take it (the
+          acquire of its S2MM BD was granted: ``avail``).
+        * A tile's data-memory port takes one word per cycle, round robin over its channels:
+          the packets streaming into a tile at the same time share it (max-min fair), and a
+          broadcast packet runs at the pace of its slowest tile.
+        """
+        eps = 1e-9
+        req: list = []                                   # (cycle, order, channel, packet)
+        order = 0
         for key, chan in chans.items():
             if chan.packets:
-                heapq.heappush(heap, (float(lat), key, 0))
-        port: dict = {}                      # tile -> cycle its memory port is free
-        while heap:
-            t, key, p = heapq.heappop(heap)
-            chan = chans[key]
-            pk = chan.packets[p]
-            ready = t
+                req.append((float(lat), order, key, 0))
+                order += 1
+        heapq.heapify(req)
+        blocked: list = []                               # requests waiting for a bus
+        held: set = set()                                # buses held by a packet
+        starting: list = []                              # (ready, channel, packet, buses)
+        active: dict = {}                                # (channel, packet) -> flow
+        now = 0.0
+
+        def grab(item) -> bool:
+            _, _, key, p = item
+            buses = self._buses(key, chans[key].packets[p].header)
+            if any(b in held for b in buses):
+                return False
+            held.update(buses)
+            ready = now
             for tkey, tch, ordinal in dest[key][p]:
                 ready = max(ready, avail.get((tkey, tch, ordinal), 0.0))
-            real, pad = chan.cost[p]
-            n = len(pk.words)
-            end = ready + real * step + pad
-            for tkey, _, _ in dest[key][p]:
-                end = max(end, port.get(tkey, 0.0) + n)
-            for tkey, _, _ in dest[key][p]:
-                port[tkey] = end
-            pk.end = end + _PIPE_IN
-            if p + 1 < len(chan.packets):
-                heapq.heappush(heap, (end, key, p + 1))
+            starting.append((ready, key, p, buses))
+            return True
+
+        while req or blocked or starting or active:
+            rates = _fair_rates(active)
+            t_next = float("inf")
+            if req:
+                t_next = req[0][0]
+            if starting:
+                t_next = min(t_next, min(x[0] for x in starting))
+            for fk, f in active.items():
+                if rates[fk] > 0:
+                    t_next = min(t_next, now + f["rem"] / rates[fk])
+            if t_next == float("inf"):
+                raise DeadlockError("the read channels wait for each other's buses")
+            t_next = max(t_next, now)
+            for fk, f in active.items():
+                f["rem"] -= rates[fk] * (t_next - now)
+            now = t_next
+            for fk in [fk for fk, f in active.items() if f["rem"] <= eps]:
+                f = active.pop(fk)
+                key, p = fk
+                chans[key].packets[p].end = now + _PIPE_IN
+                held.difference_update(f["buses"])
+                if p + 1 < len(chans[key].packets):
+                    heapq.heappush(req, (now, order, key, p + 1))
+                    order += 1
+            while req and req[0][0] <= now + eps:
+                blocked.append(heapq.heappop(req))
+            blocked.sort(key=lambda x: (x[0], x[1]))
+            blocked = [item for item in blocked if not grab(item)]
+            for item in [x for x in starting if x[0] <= now + eps]:
+                starting.remove(item)
+                _, key, p, buses = item
+                real, pad = chans[key].cost[p]
+                n = real + pad
+                active[(key, p)] = {
+                    "rem": float(n), "cap": n / (real * step + pad) if n else 1.0,
+                    "tiles": {tkey for tkey, _, _ in dest[key][p]}, "buses": buses}
+
+    def _buses(self, key: tuple[int, int], header: int) -> list[tuple]:
+        """The merged buses a packet of read channel ``key = (column, channel)`` holds."""
+        rf = route_fields(self.cfg)
+        c, ch = key
+        out: list[tuple] = []
+        if header >> rf.col & 1:
+            out.append(("col", c, ch % 2))
+        out += [("row", r) for r in range(self.cfg.array.rows) if header >> (rf.row + r) & 1]
+        return out
