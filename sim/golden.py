@@ -8,6 +8,7 @@ the model's speed does not depend on the number of simulated cycles.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,17 @@ class LockHook(Protocol):
 
 class DeadlockError(RuntimeError):
     """An ACQ can never be granted (in a single-tile run nothing else releases locks)."""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def decoded(word: int) -> tuple[Instr, ErrorCode, Opcode | None, Param | None]:
+    """``word`` decoded, its static error, its opcode and (SETP) its parameter, cached: the
+    models decode the same few hundred words millions of times."""
+    ins = Instr.decode(word)
+    err = check_static(ins)
+    op = ins.op
+    prm = Param(ins.a) if op is Opcode.SETP and err is ErrorCode.NONE else None
+    return ins, err, op, prm
 
 
 def reset_params() -> dict[Param, int]:
@@ -167,20 +179,17 @@ class TileModel:
             if ninstr > max_instructions:
                 raise RuntimeError(f"program did not halt within {max_instructions} "
                                    f"instructions")
-            ins = Instr.decode(pm[pc])
+            ins, err, op, prm = decoded(pm[pc])
             decode = now + 1
-            err = check_static(ins)
-            op = ins.op
             nidx = index_words(ins.b) if op is Opcode.CONV else 0
             if err is ErrorCode.NONE and op is not Opcode.HALT and pc + 1 + nidx >= t.pmem_words:
                 err = ErrorCode.PC_OVERFLOW
             if err is ErrorCode.NONE and ((op is Opcode.LOOP and len(loops) == LOOP_DEPTH)
                                           or (op is Opcode.ENDLOOP and not loops)):
                 err = ErrorCode.LOOP_NESTING
-            if err is ErrorCode.NONE and op is Opcode.SETP:
-                prm = Param(ins.a)
-                if not param_range(prm, t).accepts(ins.imm):
-                    err = ErrorCode.BAD_VALUE
+            if (err is ErrorCode.NONE and op is Opcode.SETP
+                    and not param_range(prm, t).accepts(ins.imm)):
+                err = ErrorCode.BAD_VALUE
             if err is not ErrorCode.NONE:
                 res.error, res.error_pc, res.cycles = err, pc, decode + 1
                 break
@@ -190,7 +199,7 @@ class TileModel:
                 break
             if op in (Opcode.SETP, Opcode.NOP):
                 if op is Opcode.SETP:
-                    params[Param(ins.a)] = ins.imm
+                    params[prm] = ins.imm
                 elif ins.a & Flag.FENCE.value:
                     decode = max(decode, d_hist[-1] + 1)
                     pending = []

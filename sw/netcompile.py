@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from tilewright.hw.config import OverlayConfig
-from tilewright.hw.isa import Instr, Opcode, Param, index_words
+from tilewright.hw.isa import Opcode, Param, index_words
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.array_compiler import (
     ArrayLayer,
@@ -668,20 +668,19 @@ def _issue_cycles(program: list[int], cfg: OverlayConfig) -> int:
     """Cycles a tile program issues when it never waits: FETCH + DECODE per instruction, the
     requantisation-record read and ``steps x groups`` per op (no lock waits, no writeback
     fences)."""
-    from tilewright.sim.golden import op_steps, reset_params
+    from tilewright.sim.golden import decoded, op_steps, reset_params
 
     t = cfg.tile
     p = reset_params()
     n = 0
     pc = 0
     while pc < len(program):
-        ins = Instr.decode(int(program[pc]))
-        op = ins.op
+        ins, _, op, prm = decoded(int(program[pc]))
         n += 2
         if op is Opcode.HALT:
             break
-        if op is Opcode.SETP:
-            p[Param(ins.a)] = ins.imm
+        if prm is not None:
+            p[prm] = ins.imm
         elif op in (Opcode.CONV, Opcode.MAXPOOL, Opcode.AVGPOOL, Opcode.ADD):
             nnz = ins.b if op is Opcode.CONV else 0
             steps = op_steps(op, nnz, p[Param.KH], p[Param.KW])

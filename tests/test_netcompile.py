@@ -237,3 +237,44 @@ def test_tiny_network_on_rtl_layer_by_layer():
         assert np.array_equal(got, want), f"{cl.name}: RTL output differs (seed=3)"
         assert sum(r.rd_words + r.wr_words for r in results) * cfg.tile.word_bytes \
             == cl.ddr_bytes, cl.name
+
+
+def test_compile_and_verify_a_trainer_checkpoint(tmp_path):
+    """A QAT checkpoint of the trainer's fmnist-resnet (one 8x8 block pruned): compiled with
+    its own scales and mask, verified layer by layer, and the pruned block is not stored."""
+    from tilewright.sw.prune.checkpoint import FORMAT, save_checkpoint
+    from tilewright.sw.prune.models import arch_record, fmnist_resnet
+    from tilewright.sw.prune.qat import calibrate, prepare_qat, quant_params
+
+    torch.manual_seed(4)
+    kw = {"widths": [8, 16, 16], "blocks": [1, 1, 1]}
+    model = fmnist_resnet(**kw).eval()
+    g = torch.Generator().manual_seed(4)
+    for m in model.modules():                # the residual blocks' last BN starts at zero
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.5)
+    pruned = "stages.1.0.conv2"
+    mask = torch.tensor([[True, False], [True, True]])
+    with torch.no_grad():
+        model.get_submodule(pruned).weight[0:8, 8:16] = 0
+    gm = prepare_qat(model)
+    calibrate(gm, [torch.randn(8, 1, 28, 28) for _ in range(2)])
+    gm.eval()
+    quant = quant_params(gm)
+    quant["form"] = "qat"
+    ck = {"format": FORMAT, "arch": arch_record("fmnist-resnet", kw),
+          "state_dict": gm.state_dict(), "masks": {pruned: mask},
+          "pattern": {"kind": "block", "block": [8, 8]}, "sparsity": {pruned: 0.25},
+          "quant": quant}
+    save_checkpoint(tmp_path / "c.pt", ck)
+    cfg = _cfg("aie2-2x2")
+    cn = compile_network("fmnist", cfg, checkpoint=tmp_path / "c.pt", seed=4)
+    assert cn.sparsity is None and cn.model == "c"
+    cl = next(c for c in cn.layers if c.name == pruned)
+    assert (cl.blocks, cl.nnz_blocks) == (4, 3)
+    checks, _ = verify_network(cn, seed=4)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
