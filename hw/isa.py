@@ -87,9 +87,14 @@ class Flag(enum.Enum, shape=8):
 
     RELU = 0x01
     FENCE = 0x02
+    #: Keep the accumulators for the next op: no writeback, ``OUT_BASE`` not advanced.
+    HOLD = 0x04
+    #: Start from the accumulators a HOLD op left instead of zero (a block row split over
+    #: several ops, e.g. across weight buffers: an input-channel split without int32 traffic).
+    ACC = 0x08
 
 
-FLAG_MASK = 0x03
+FLAG_MASK = 0x0F
 
 
 class ErrorCode(enum.Enum, shape=8):

@@ -211,6 +211,8 @@ class ComputeTile(wiring.Component):
         KIND_CONV, KIND_MAX, KIND_AVG, KIND_ADD = 0, 1, 2, 3
         kind = Signal(2)
         relu = Signal()
+        hold = Signal()            # HOLD: no writeback, the buffer is reused by the next op
+        accf = Signal()            # ACC: accumulate onto what the previous (HOLD) op left
         nnz = Signal(16)
         cgsel = Signal(16)
         idx_base = Signal(PCW)
@@ -372,6 +374,8 @@ class ComputeTile(wiring.Component):
                             with m.Case(op):
                                 m.d.sync += kind.eq(kd)
                     m.d.sync += [relu.eq((ins.a & Flag.RELU.value).any()),
+                                 hold.eq((ins.a & Flag.HOLD.value).any()),
+                                 accf.eq((ins.a & Flag.ACC.value).any()),
                                  nnz.eq(ins.b), cgsel.eq(ins.b),
                                  zero_op.eq(is_conv & (ins.b == 0)),
                                  idx_base.eq(pc + 1), pc.eq(next_pc)]
@@ -417,7 +421,7 @@ class ComputeTile(wiring.Component):
                     # stage-1 control
                     m.d.sync += [
                         s1_valid.eq(~zero_op), s1_buf.eq(buf), s1_g.eq(g),
-                        s1_first.eq((j == 0) & (kh == 0) & (kw == 0)),
+                        s1_first.eq((j == 0) & (kh == 0) & (kw == 0) & ~accf),
                         s1_wnew.eq(g == 0), s1_tap1.eq(kw == 1),
                         s1_woff.eq(w_run[:BB]),
                     ]
@@ -435,8 +439,12 @@ class ComputeTile(wiring.Component):
                         m.d.comb += [adv_oy.eq(oy), adv_gx.eq(gx + 1),
                                      adv_row.eq(row_off), adv_x.eq(x_off + pstep)]
                     end_chunk = zero_op | (last_group & last_step)
-                    with m.If(end_chunk):
+                    with m.If(end_chunk & hold):
+                        # keep the sums: no writeback, the same buffer for the next op
+                        m.d.sync += in_use.bit_select(buf, 1).eq(0)
+                    with m.Elif(end_chunk):
                         m.d.sync += [s1_last.eq(1), buf.eq(~buf)]
+                    with m.If(end_chunk):
                         with m.If(zero_op | last_chunk):
                             # op done: auto-advance pointers, back to the sequencer
                             with m.If((kind == KIND_CONV) & ~zero_op):
@@ -444,7 +452,7 @@ class ComputeTile(wiring.Component):
                             m.d.sync += [
                                 prm[Param.Q_PTR].eq(prm[Param.Q_PTR] + QW),
                                 prm[Param.OUT_BASE].eq(prm[Param.OUT_BASE]
-                                                       + prm[Param.OUT_CG]),
+                                                       + Mux(hold, 0, prm[Param.OUT_CG])),
                             ]
                             m.next = "FETCH"
                         with m.Else():

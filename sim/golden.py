@@ -172,6 +172,7 @@ class TileModel:
         now = 0                      # cycle of the current FETCH
         d_hist: deque[int] = deque([-10, -10], maxlen=2)   # d of the last two chunks
         pending: list[tuple[int, np.ndarray]] = []         # (d, written word addresses)
+        held: tuple[tuple[int, int], np.ndarray | None] | None = None   # a HOLD op's sums
         res = RunResult(mem, 0)
         ninstr = 0
         while True:
@@ -249,17 +250,28 @@ class TileModel:
                 idx = idx[:ins.b]
             ready = c + 2
             pending = [(d, a) for (d, a) in pending if d >= ready]
-            if self.timing_only:
-                writes, macs = np.zeros(0, np.int64), 0
-            else:
-                reads, writes, macs = self._execute(op, ins, idx, params, words)
-                if self.check_hazards:
-                    self._check(pc, reads, writes, pending)
-            # timing of the chunks
             ho, wo = params[Param.HO], params[Param.WO]
             wg = -(-wo // t.pixels)
             total = ho * wg
             steps = op_steps(op, len(idx), params[Param.KH], params[Param.KW])
+            hold = bool(ins.a & Flag.HOLD.value)
+            accf = bool(ins.a & Flag.ACC.value)
+            if (hold or accf) and (op is not Opcode.CONV or not steps or total > t.acc_depth):
+                raise HazardError(f"pc {pc}: HOLD/ACC need a CONV with non-zero blocks whose "
+                                  f"{total} pixel groups fit one accumulator chunk "
+                                  f"({t.acc_depth})")
+            if accf and (held is None or held[0] != (ho, wo)):
+                raise HazardError(f"pc {pc}: ACC without a HOLD op of the same {ho}x{wo} "
+                                  f"window just before")
+            carry = held[1] if accf and held is not None else None
+            if self.timing_only:
+                writes, macs, acc_out = np.zeros(0, np.int64), 0, None
+            else:
+                reads, writes, macs, acc_out = self._execute(op, ins, idx, params, words,
+                                                             carry, hold)
+                if self.check_hazards:
+                    self._check(pc, reads, writes, pending)
+            held = ((ho, wo), acc_out) if hold else None
             first_issue = None
             e = ready - 1
             done = 0
@@ -272,11 +284,13 @@ class TileModel:
                     first_issue = tk
                 e = tk + dur - 1
                 ready = e + 1
-                s = max(e + 2, d_hist[-1] + 1)
-                d_hist.append(s + ng - 1)
+                if not hold:        # a HOLD chunk has no writeback and keeps its buffer
+                    s = max(e + 2, d_hist[-1] + 1)
+                    d_hist.append(s + ng - 1)
                 res.mac_cycles += steps * ng
                 done += ng
-            pending.append((d_hist[-1], writes))
+            if not hold:
+                pending.append((d_hist[-1], writes))
             res.ops.append(OpTrace(pc, op, first_issue or ready, e, macs))
             # auto-advance
             wd = t.dmem_words
@@ -284,7 +298,8 @@ class TileModel:
                 params[Param.W_PTR] = (params[Param.W_PTR] + len(idx) * params[Param.KH]
                                        * params[Param.KW] * t.block) % wd
             params[Param.Q_PTR] = (params[Param.Q_PTR] + t.qrec_words) % wd
-            params[Param.OUT_BASE] = (params[Param.OUT_BASE] + params[Param.OUT_CG]) % wd
+            if not hold:
+                params[Param.OUT_BASE] = (params[Param.OUT_BASE] + params[Param.OUT_CG]) % wd
             pc += 1 + nidx
             now = e + 1
         res.instructions = ninstr
@@ -293,8 +308,11 @@ class TileModel:
 
     # ------------------------------------------------------------------------------------
     def _execute(self, op: Opcode, ins: Instr, idx: list[int], p: dict[Param, int],
-                 words: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Execute one op on ``words`` in place; return (read addrs, written addrs, MACs)."""
+                 words: np.ndarray, carry: np.ndarray | None = None, hold: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """Execute one op on ``words`` in place; return (read addrs, written addrs, MACs, the
+        accumulators when ``hold``). A CONV starts from ``carry`` (ACC) instead of zero; with
+        ``hold`` nothing is written back."""
         t = self.tile
         b, nw = t.block, t.dmem_words
         ho, wo, s = p[Param.HO], p[Param.WO], p[Param.STRIDE]
@@ -313,7 +331,8 @@ class TileModel:
 
         macs = 0
         if op is Opcode.CONV:
-            acc = np.zeros((ho, wo, b), dtype=np.int64)
+            acc = (np.zeros((ho, wo, b), dtype=np.int64) if carry is None
+                   else carry.copy())
             wptr = p[Param.W_PTR]
             taps = kh_n * kw_n
             for j, cg in enumerate(idx):
@@ -336,13 +355,15 @@ class TileModel:
                    + p[Param.MUL_B] * gather(p[Param.B_BASE] + off))
         qa = (p[Param.Q_PTR] + np.arange(t.qrec_words)) % nw
         reads.append(qa)
+        if hold:
+            return np.concatenate(reads), np.zeros(0, np.int64), macs, acc
         qbytes = words[qa].view(np.uint8).reshape(-1)
         bias = qbytes[:4 * b].view("<i4").astype(np.int64)
         mult = qbytes[4 * b:8 * b].view("<i4").astype(np.int64)
         y = requantize(acc, bias, mult, p[Param.SHIFT], bool(ins.a & Flag.RELU.value))
         out = (p[Param.OUT_BASE] + oy * p[Param.OUT_ROW] + ox) % nw
         words[out] = y
-        return np.concatenate(reads), out.ravel(), macs
+        return np.concatenate(reads), out.ravel(), macs, None
 
     @staticmethod
     def _check(pc: int, reads: np.ndarray, writes: np.ndarray,

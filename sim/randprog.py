@@ -45,7 +45,8 @@ def _qrecords(rng: np.random.Generator, n: int, b: int, op: str) -> np.ndarray:
     return out
 
 
-def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> RandomCase:
+def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5,
+                split: float = 0.4) -> RandomCase:
     """A random program of ``op`` ops (one to three output channel groups).
 
     The shapes are small enough for the tile yet cover chunk splits (more groups than
@@ -85,7 +86,7 @@ def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> 
         cout_g = min(cout_g, cin_g)
 
     q_base = 0
-    q_words = 8 * cout_g
+    q_words = 8 * cout_g * (3 if op == "conv" else 1)     # a block row may take 3 ops
     w_base = -(-q_words // b) * b
     in_base = w_base + budget
     b_base = in_base + in_words
@@ -93,7 +94,8 @@ def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> 
     # random inputs (a second operand for ADD)
     span = (b_base + (in_words if op == "add" else 0) - in_base) * b
     mem[in_base * b:in_base * b + span] = rng.integers(0, 256, span, dtype=np.uint8)
-    mem[q_base * b:(q_base + q_words) * b] = _qrecords(rng, cout_g, b, op).ravel()
+    n_rec = q_words // 8
+    mem[q_base * b:(q_base + q_words) * b] = _qrecords(rng, n_rec, b, op).ravel()
 
     p = Program().setps(IN_BASE=in_base, IN_ROW=row, IN_CG=plane, OUT_BASE=out_base,
                         OUT_ROW=out_row, OUT_CG=out_plane, HO=ho, WO=wo, KH=kh, KW=kw,
@@ -114,7 +116,18 @@ def random_case(tile: TileConfig, seed: int, op: str, sparsity: float = 0.5) -> 
             n = len(idx) * kh * kw * b * b
             mem[wptr * b:wptr * b + n] = rng.integers(0, 256, n, dtype=np.uint8)
             wptr += len(idx) * kh * kw * b
-            p.conv(idx, relu=relu, fence=fence)
+            groups = ho * -(-wo // tile.pixels)
+            if len(idx) >= 2 and groups <= tile.acc_depth and rng.random() < split:
+                # the row in 2-3 pieces: HOLD ... ACC (the sums stay in the accumulators)
+                n = int(rng.integers(2, min(3, len(idx)) + 1))
+                cuts = sorted(rng.choice(np.arange(1, len(idx)), n - 1, replace=False))
+                pieces = np.split(np.array(idx), cuts)
+                for k, piece in enumerate(pieces):
+                    last = k == len(pieces) - 1
+                    p.conv(piece.tolist(), relu=relu and last, fence=fence and k == 0,
+                           hold=not last, acc=k > 0)
+            else:
+                p.conv(idx, relu=relu, fence=fence)
         else:
             cg = int(rng.integers(0, cin_g))
             {"maxpool": p.maxpool, "avgpool": p.avgpool, "add": p.add}[op](

@@ -61,13 +61,17 @@ class Program:
             self.setp(p, v)
         return self
 
-    def conv(self, indices: Sequence[int], *, relu: bool = False,
-             fence: bool = False) -> Program:
-        """One block row: ``indices`` are the input channel groups of its non-zero blocks."""
+    def conv(self, indices: Sequence[int], *, relu: bool = False, fence: bool = False,
+             hold: bool = False, acc: bool = False) -> Program:
+        """One block row (or, with ``hold``/``acc``, a piece of one): ``indices`` are the input
+        channel groups of its non-zero blocks. ``hold`` keeps the sums for the next op instead
+        of writing them back; ``acc`` starts from the sums the previous (``hold``) op kept."""
         idx = [int(i) for i in indices]
         if len(idx) >= 1 << 16:
             raise ValueError(f"a block row holds at most 65535 blocks, not {len(idx)}")
-        self._emit(Instr(Opcode.CONV.value, _flags(relu, fence), len(idx)))
+        flags = (_flags(relu, fence) | (Flag.HOLD.value if hold else 0)
+                 | (Flag.ACC.value if acc else 0))
+        self._emit(Instr(Opcode.CONV.value, flags, len(idx)))
         for k in range(0, len(idx), INDEX_PER_WORD):
             self.words.append(encode_index_word(idx[k:k + INDEX_PER_WORD]))
         return self

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tilewright.hw.config import load_config
-from tilewright.hw.isa import ErrorCode
+from tilewright.hw.isa import ErrorCode, Instr, Opcode, Param
 from tilewright.sim.golden import HazardError, TileModel
 from tilewright.sim.randprog import OP_KINDS, random_case
 from tilewright.sw.asm import Program
@@ -117,3 +117,27 @@ def test_random_programs_run_clean(op, tile):
         c = random_case(tile, seed, op, 0.5)
         res = TileModel(tile).run(c.program, c.dmem)
         assert res.ok, f"{c.name}: {res.error}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hold_acc_pieces_equal_the_whole_row(seed):
+    """A block row of 4 blocks as CONV .hold [0,1] + CONV .acc .hold [2] + CONV .acc [3]
+    (Q_PTR set back so the last piece reads the row's record) writes exactly what the
+    single CONV writes; misuse is refused."""
+    rng = np.random.default_rng(seed)
+    mem, prog, *_, out_base = _conv_setup(REF, rng, 2, 5, 3, 1, 4, [[0, 1, 2, 3]])
+    whole = TileModel(REF).run(prog, mem)
+    head = prog[:-3]                                   # drop CONV, its index word, HALT
+    split = (Program().conv([0, 1], hold=True).nop().conv([2], hold=True, acc=True)
+             .setp(Param.Q_PTR, 0).conv([3], acc=True).halt().words)
+    parts = TileModel(REF).run(head + split, mem)
+    assert whole.ok and parts.ok
+    b = REF.block
+    sl = slice(out_base * b, (out_base + 10) * b)
+    assert np.array_equal(whole.dmem[sl], parts.dmem[sl]), f"seed {seed}"
+    assert np.any(whole.dmem[sl] != 0)
+    with pytest.raises(HazardError, match="ACC without"):
+        TileModel(REF).run(head + Program().conv([3], acc=True).halt().words, mem)
+    with pytest.raises(HazardError, match="HOLD/ACC"):
+        bad_pool = Instr(Opcode.MAXPOOL.value, 0x04, 0).encode()
+        TileModel(REF).run([*head, bad_pool, *Program().halt().words], mem)

@@ -49,7 +49,8 @@ def test_static_checks():
     assert check_static(Instr(Opcode.HALT.value, b=1)) is ErrorCode.MALFORMED
     assert check_static(Instr(Opcode.SETP.value, 200)) is ErrorCode.BAD_PARAM
     assert check_static(Instr(Opcode.SETP.value, 1, 1)) is ErrorCode.MALFORMED
-    assert check_static(Instr(Opcode.CONV.value, 0x04)) is ErrorCode.MALFORMED
+    assert check_static(Instr(Opcode.CONV.value, 0x10)) is ErrorCode.MALFORMED
+    assert check_static(Instr(Opcode.CONV.value, 0x0C)) is ErrorCode.NONE      # HOLD|ACC
     assert check_static(Instr(Opcode.ADD.value, 0x03, 5)) is ErrorCode.NONE
 
 
