@@ -99,12 +99,19 @@ def _align(a: int, n: int) -> int:
 
 @dataclass
 class Chunk:
-    """A run of consecutive block rows of one column's job (one weight packet)."""
+    """A run of consecutive block rows of one column's job (one weight packet).
 
-    rows: list[int]              # global block rows (output channel groups)
-    q_words: int                 # requantisation records, padded to the block
+    A block row too large for a weight buffer is cut into pieces (runs of its non-zero
+    blocks) in consecutive chunks: CONV ``.hold`` on every piece but the last, ``.acc`` on
+    every piece but the first, so its sums stay in the accumulators across the lock waits.
+    """
+
+    pieces: list[tuple[int, int, int]]   # (global block row, first block, end block)
+    q_words: int                 # requantisation records (one per piece), padded
     w_words: int                 # weight lines
-    first: int                   # index of rows[0] among the column's job rows
+    first: int                   # index (among the column's job rows) of the first row that
+    #                              completes in this chunk
+    rows: list[int] = field(default_factory=list)   # the block rows completed in this chunk
 
     @property
     def words(self) -> int:
@@ -446,26 +453,55 @@ def _rectangles(geo: _Geometry, h0: int, h1: int, R: int, pixels: int
     return best[1]
 
 
-def _chunks(rows: list[int], per_row: list[int], cap: int, b: int, qrec: int,
-            max_chunks: int) -> list[Chunk] | None:
-    """Greedy chunks of ``rows`` (weight words ``per_row``) no larger than ``cap`` words; the
-    first chunk is a single block row, so that the cores start as early as possible."""
+def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, qrec: int,
+            max_chunks: int, split: bool = False) -> list[Chunk] | None:
+    """Greedy chunks of ``rows`` (``nnz`` non-zero blocks of ``blk_words`` weight words each)
+    no larger than ``cap`` words; the first chunk is a single block row (or its first piece),
+    so that the cores start as early as possible. With ``split`` a row larger than a chunk is
+    cut into pieces (see :class:`Chunk`); otherwise such a row makes it None."""
     out: list[Chunk] = []
-    cur: list[int] = []
+    cur: list[tuple[int, int, int]] = []
     w = 0
-    for i, (g, ww) in enumerate(zip(rows, per_row, strict=True)):
-        q_new = _align((len(cur) + 1) * qrec, b)
-        if cur and (q_new + w + ww > cap or not out):
-            out.append(Chunk(cur, _align(len(cur) * qrec, b), w, i - len(cur)))
-            cur, w = [], 0
-            q_new = _align(qrec, b)
-        if q_new + ww > cap:
+
+    def close() -> None:
+        nonlocal cur, w
+        out.append(Chunk(cur, _align(len(cur) * qrec, b), w, 0))
+        cur, w = [], 0
+
+    for g, n in zip(rows, nnz, strict=True):
+        ww = n * blk_words
+        if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > cap or not out):
+            close()
+        if _align((len(cur) + 1) * qrec, b) + w + ww <= cap:
+            cur.append((g, 0, n))
+            w += ww
+            continue
+        if not split or n < 2:
             return None
-        cur.append(g)
-        w += ww
+        j = 0
+        while j < n:
+            k = (cap - _align((len(cur) + 1) * qrec, b) - w) // blk_words
+            if k < 1:
+                if not cur:
+                    return None
+                close()
+                continue
+            k = min(k, n - j)
+            cur.append((g, j, j + k))
+            w += k * blk_words
+            j += k
+            if j < n:
+                close()
     if cur:
-        out.append(Chunk(cur, _align(len(cur) * qrec, b), w, len(rows) - len(cur)))
-    return out if len(out) <= max_chunks else None
+        close()
+    if len(out) > max_chunks:
+        return None
+    done = 0
+    for chk in out:
+        chk.first = done
+        chk.rows = [g for g, _, j1 in chk.pieces if j1 == nnz[rows.index(g)]]
+        done += len(chk.rows)
+    return out
 
 
 def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
@@ -560,9 +596,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
         raise ValueError(
             f"layer {lname!r} ({cin}->{cout}, {kh}x{kw}, {h}x{w}) does not fit {cfg.name}'s "
             f"tiles: one block row needs {biggest * b} bytes of weights and requantisation "
-            f"records, twice (ping/pong), plus an input slice and its output, in "
-            f"{t.dmem_bytes} bytes; an input-channel split with int32 partial sums would be "
-            f"needed")
+            f"records (or, cut into pieces, one block and a record), plus an input slice and "
+            f"its output, in {t.dmem_bytes} bytes")
     jobs_spec = best[1]
 
     jobs: list[ArrayJob] = []
@@ -587,8 +622,9 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
     n = 11 + 1 + 1                                  # SETPs, ACQ of the input, HALT
     for chk in chunks:
         parts = len(chk.parts(b))
-        n += 2 * parts + 3 + 1 + 1                  # ACQ/REL per part, 3 SETPs, fence, REL
-        n += sum(1 + -(-int(nnz_row[g]) // INDEX_PER_WORD) for g in chk.rows)
+        n += 2 * parts + 3 + 1                      # ACQ/REL per part, 3 SETPs, fence
+        n += 1 if chk.rows else 0                   # REL of the output buffer
+        n += sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
     return n
 
 
@@ -604,6 +640,9 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
         tile_ranges = _rectangles(geo, rpart[0], rpart[1], R, t.pixels)
         max_rows = max(h1 - h0 for h0, h1, _, _ in tile_ranges)
         max_cols = max(w1 - w0 for _, _, w0, w1 in tile_ranges)
+        groups = max((h1 - h0) * _cdiv(w1 - w0, t.pixels) for h0, h1, w0, w1 in tile_ranges)
+        can_split = groups <= t.acc_depth
+        taps = geo.kh * geo.kw
         for gp in range(n_gsplit):
             col_rows = []
             for rows in col_rows_all:
@@ -621,14 +660,16 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
                     chunks.append([])
                     layout.append((0, 0, 0, 2))
                     continue
-                # two weight buffers (ping/pong) if a chunk fits half the free memory, else one
-                # (the next chunk then streams in only after the core is done with this one)
+                # two weight buffers (ping/pong) if a chunk fits half the free memory, else
+                # block rows cut into pieces (HOLD/ACC) if a tile's pixel groups fit one
+                # accumulator chunk, else one buffer (the next chunk then streams in only
+                # after the core is done with this one)
                 ch = None
-                for nbuf in (2, 1):
+                for nbuf, split in ((2, False), (2, can_split), (1, False), (1, can_split)):
                     cap = (free // nbuf) // (8 * b) * (8 * b)
                     if cap > 0:
-                        ch = _chunks(rows, [w_words_row[g] for g in rows], cap, b, qrec,
-                                     TILE_BDS)
+                        ch = _chunks(rows, [int(nnz_row[g]) for g in rows], taps * b, cap, b,
+                                     qrec, TILE_BDS, split)
                     if ch is not None:
                         break
                 if ch is None or _program_words(ch, nnz_row, b) > t.pmem_words:
@@ -660,12 +701,13 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
     for c in range(C):
         per_bus: list[list[np.ndarray]] = [[], []]
+        blk = geo.kh * geo.kw * b * b                 # bytes of one block's weight lines
         for chk in chunks[c]:
-            body = [np.concatenate([qbytes[g] for g in chk.rows]).view(np.uint8)]
-            pad_q = chk.q_words * b - sum(qbytes[g].size for g in chk.rows)
+            body = [np.concatenate([qbytes[g] for g, _, _ in chk.pieces]).view(np.uint8)]
+            pad_q = chk.q_words * b - sum(qbytes[g].size for g, _, _ in chk.pieces)
             if pad_q:
                 body.append(np.zeros(pad_q, dtype=np.uint8))
-            body += [wlines[g] for g in chk.rows]
+            body += [wlines[g][j0 * blk:j1 * blk] for g, j0, j1 in chk.pieces]
             payload = _words_of(np.concatenate(body), b)
             assert payload.size == chk.words
             for bus, (off, n) in enumerate(chk.parts(b)):
@@ -764,18 +806,23 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params).acquire(LOCK_IN, act_parts[r])
+            n_out = 0                           # chunks that completed rows so far
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
                 for part in range(nparts):
                     p.acquire(LOCK_WFULL[buf][part])
                 p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
                         OUT_BASE=outb + chk.first * out_cg + 1)
-                for g in chk.rows:
-                    p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
+                for g, j0, j1 in chk.pieces:
+                    n = int(mask[g].sum())
+                    p.conv(np.flatnonzero(mask[g])[j0:j1].tolist(), relu=layer.relu,
+                           hold=j1 < n, acc=j0 > 0)
                 p.nop(fence=True)
                 for part in range(nparts):
                     p.release(LOCK_WEMPTY[buf][part])
-                p.release(LOCK_OFULL[k % 2])
+                if chk.rows:
+                    p.release(LOCK_OFULL[n_out % 2])
+                    n_out += 1
             tp.program = p.halt().words
             assert len(tp.program) == _program_words(chunks[c], mask.sum(axis=1), b)
             if len(tp.program) > t.pmem_words:
@@ -792,7 +839,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 ol = [BufferDescriptor(outb + chk.first * out_cg,
                                        (out_cg, len(chk.rows)), (1, out_cg),
                                        acquire=LockAction(LOCK_OFULL[bus], 1))
-                      for chk in chunks[c][bus::2]]
+                      for chk in [ck for ck in chunks[c] if ck.rows][bus::2]]
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)

@@ -139,10 +139,36 @@ def test_model_balances_columns():
 def test_unrunnable_layer_names_capacity():
     cfg = _cfg("tiny-2x2")
     rng = np.random.default_rng(2)
-    layer = make_conv(rng, 1024, 8, (3, 3), 1, (1, 1), False, 0.0, 4)
-    x = rand_i8(rng, (1024, 3, 3))
+    layer = make_conv(rng, 2048, 8, (3, 3), 1, (1, 1), False, 0.0, 4)
+    x = rand_i8(rng, (2048, 3, 3))           # the input slice alone is larger than a tile
     with pytest.raises(ValueError, match="does not fit tiny-2x2's tiles"):
         compile_conv_array(layer, x, cfg)
+
+
+@pytest.mark.parametrize("cfg_name, sparsity", [("tiny-2x2", 0.0), ("tiny-2x2", 0.5),
+                                                ("aie2-2x2", 0.5)])
+def test_model_block_rows_in_pieces(cfg_name, sparsity):
+    """Block rows larger than a weight buffer (a 3x3 conv over 1024 channels on 3x3 pixels
+    on the tiny tile; VGG16's classifier.0 shape scaled down on aie2) are cut into pieces
+    (CONV .hold/.acc across chunks): bit-exact with the reference."""
+    from tilewright.sw.tile_compiler import ConvLayer
+
+    cfg = _cfg(cfg_name)
+    b = cfg.tile.block
+    rng = np.random.default_rng(3)
+    if cfg_name.startswith("tiny"):
+        layer = make_conv(rng, 1024, 8, (3, 3), 1, (1, 1), False, sparsity, b)
+        x = rand_i8(rng, (1024, 3, 3))
+    else:                                    # 512x7x7 -> 64 as the 7x7 conv of a linear
+        layer = make_conv(rng, 512, 64, (7, 7), 1, (0, 0), True, sparsity, b)
+        x = rand_i8(rng, (512, 7, 7))
+    assert isinstance(layer, ConvLayer)
+    al = compile_conv_array(layer, x, cfg)
+    pieces = [p for job in al.jobs for col in job.chunks for chk in col for p in chk.pieces]
+    assert any(j0 > 0 for _, j0, _ in pieces), "no block row was cut"
+    res = OverlayModel(cfg).run_layer(al)
+    want = reference_output(layer, x)
+    assert np.array_equal(res.output.reshape(want.shape), want), f"seed 3 S={sparsity}"
 
 
 def test_config_rows_bounded_by_header_bits():
@@ -178,8 +204,13 @@ def test_overlay_rtl_bit_exact():
     cases = [_layer(LAYERS[0], 0.0, b, 21), _layer(LAYERS[1], 0.5, b, 22),
              _layer(LAYERS[3], 0.5, b, 23), _linear(48, 20, 0.5, b, 24),
              _layer(("big", 48, 40, (3, 3), 1, (1, 1), 20, True), 0.5, b, 25)]
+    rng = np.random.default_rng(27)          # block rows in pieces (CONV .hold/.acc)
+    cases.append((make_conv(rng, 1024, 8, (3, 3), 1, (1, 1), False, 0.5, b),
+                  rand_i8(rng, (1024, 3, 3))))
     compiled = [(layer, x, None, compile_conv_array(layer, x, cfg)) for layer, x in cases]
-    assert len(compiled[-1][3].jobs) > 1
+    assert len(compiled[-2][3].jobs) > 1
+    assert any(j0 > 0 for job in compiled[-1][3].jobs for col in job.chunks for chk in col
+               for _, j0, _ in chk.pieces)
     compiled += [(layer, x, xb, compile_eltwise_array(layer, x, cfg, x_b=xb))
                  for _, layer, x, xb in _eltwise_cases(26)]
     jobs, owners = [], []
@@ -227,11 +258,16 @@ def test_overlay_watchdog_reports_lock_wait():
 
 
 def test_model_single_weight_buffer():
-    """A block row larger than half the free tile memory streams through one weight buffer
-    (no ping/pong) instead of failing."""
+    """A block row larger than half the free tile memory, on tiles with more pixel groups than
+    one accumulator chunk (so no HOLD/ACC pieces), streams through one weight buffer (no
+    ping/pong) instead of failing."""
     cfg = _cfg("tiny-2x2")
-    layer, x = _linear(2400, 12, 0.0, cfg.tile.block, seed=13)
+    rng = np.random.default_rng(13)
+    layer = make_conv(rng, 128, 12, (3, 3), 1, (1, 1), False, 0.0, cfg.tile.block)
+    x = rand_i8(rng, (128, 8, 8))
     al = compile_conv_array(layer, x, cfg)
+    assert all(j0 == 0 for job in al.jobs for col in job.chunks for chk in col
+               for _, j0, _ in chk.pieces)
     tiles = [t for t in al.jobs[0].tiles if t.regions]
     assert tiles and all(t.regions["wbuf0"][0] == t.regions["wbuf1"][0] for t in tiles)
     res = OverlayModel(cfg).run_layer(al)
