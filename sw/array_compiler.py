@@ -85,6 +85,8 @@ TILE_BDS = 16
 #: What the run splitter charges for one more overlay run, in DDR words (its start-up: the
 #: DDR latency, the first weight chunk and the input slice before any tile computes).
 RUN_COST_WORDS = 2048
+#: On a column's second read channel, the first weight chunk goes before the activation part.
+ACT_AFTER_FIRST_CHUNK = True
 #: Largest size of one BD dimension.
 _DIM_MAX = (1 << 16) - 1
 
@@ -699,6 +701,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     wlines = _weight_lines_all(layer, b)
     qbytes = _qbytes_all(layer, b, t.qrec_words)
     weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
+    first_bds: dict[tuple[int, int], int] = {}
     for c in range(C):
         per_bus: list[list[np.ndarray]] = [[], []]
         blk = geo.kh * geo.kw * b * b                 # bytes of one block's weight lines
@@ -718,7 +721,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 continue
             words = np.concatenate(per_bus[bus])
             base = put(words)
-            weight_bds[(c, bus)] = _linear_bds(base, words.size)
+            n0 = per_bus[bus][0].size                     # the first chunk's packet
+            weight_bds[(c, bus)] = (_linear_bds(base, n0)
+                                    + _linear_bds(base + n0, words.size - n0))
+            first_bds[(c, bus)] = len(_linear_bds(base, n0))
 
     # ---- activation slices: tile row r's slice, cut by input channel groups into parts
     # spread over all read channels (first in each channel's stream); each part carries its
@@ -759,7 +765,14 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
 
     for c in range(C):
         for ch in (0, 1):
-            bds = act_bds.get((c, ch), []) + weight_bds.get((c, ch), [])
+            wb_, act = weight_bds.get((c, ch), []), act_bds.get((c, ch), [])
+            if ch == 1 and ACT_AFTER_FIRST_CHUNK:
+                # the row bus takes one activation part at a time: while channel 0's part
+                # streams, channel 1 sends its half of the first chunk instead of waiting
+                k = first_bds.get((c, ch), 0)
+                bds = wb_[:k] + act + wb_[k:]
+            else:
+                bds = act + wb_
             if len(bds) > cfg.ddr.bds_per_channel:
                 raise ValueError(f"layer {layer.name!r}: column {c} read channel {ch} needs "
                                  f"{len(bds)} BDs, the shim has {cfg.ddr.bds_per_channel}")
