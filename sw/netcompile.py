@@ -49,6 +49,7 @@ from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.array_compiler import (
     ArrayLayer,
     Placement,
+    _planes,
     compile_conv_array,
     compile_eltwise_array,
 )
@@ -595,7 +596,8 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
     timings: dict[str, float] = {}
     b = cfg.tile.block
     if checkpoint is not None:
-        qnet = quantize_graph_from_checkpoint(checkpoint)
+        qnet = quantize_graph_from_checkpoint(
+            checkpoint, (1, *input_shape) if input_shape is not None else None)
         graph = qnet.graph
         name = Path(checkpoint).stem
         sparsity = None
@@ -777,8 +779,6 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
     ddr = cn.image()
     a0 = cn.plan.base[graph.input_name]
     xin = env[graph.input_name][0].numpy()
-    from tilewright.sw.array_compiler import _planes
-
     words = _planes(xin, b)
     ddr[a0:a0 + words.size] = words
     model = OverlayModel(cn.cfg)
