@@ -42,6 +42,7 @@ headers of the activation slices and the weight streams of every column and bus.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,13 @@ RUN_COST_WORDS = 2048
 ACT_AFTER_FIRST_CHUNK = True
 #: Largest size of one BD dimension.
 _DIM_MAX = (1 << 16) - 1
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _encode(bd: BufferDescriptor) -> int:
+    """``bd.encode()``, cached: Amaranth's layout encoder takes ~1 ms a BD, and the tiles of a
+    column (and the runs of a layer) repeat theirs."""
+    return bd.encode()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -198,14 +206,14 @@ class ArrayJob:
             out += [CfgRecord(CFG_KINDS["dm"], u, 0, a, w) for a, w in sorted(t.dm.items())]
             out += [CfgRecord(CFG_KINDS["lock"], u, 0, i, v) for i, v in sorted(t.locks.items())]
             for ch, bds in sorted(t.bds.items()):
-                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, bd.encode())
+                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, _encode(bd))
                         for i, bd in enumerate(bds)]
                 if bds:
                     tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
         for c, chans in sorted(self.shim_bds.items()):
             u = R * C + c
             for ch, bds in sorted(chans.items()):
-                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, bd.encode())
+                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, _encode(bd))
                         for i, bd in enumerate(bds)]
                 if bds:
                     tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
