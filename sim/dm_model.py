@@ -13,6 +13,7 @@ number (None for unused entries) or a mapping from BD number to BD.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,10 +44,16 @@ def bd_addresses(bd: BufferDescriptor) -> tuple[np.ndarray, np.ndarray]:
     -------
     (addresses, in_range) : (numpy.ndarray of int64, numpy.ndarray of bool)
         ``addresses[k]`` is ``base + sum_d (i_d - pad_before_d) * stride_d`` modulo 2**32
-        (meaningful where ``in_range[k]``).
+        (meaningful where ``in_range[k]``). Read-only: results are cached (the overlay
+        model asks for the same BDs in every iteration).
     """
     if not isinstance(bd, BufferDescriptor):
         raise TypeError(f"bd must be a BufferDescriptor, not {bd!r}")
+    return _bd_addresses(bd)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _bd_addresses(bd: BufferDescriptor) -> tuple[np.ndarray, np.ndarray]:
     pb = (*bd.pad_before, *([0] * (DIMS - PAD_DIMS)))
     ext = bd.extents
     # outermost dimension first so that ravel() gives d0 fastest
@@ -59,7 +66,10 @@ def bd_addresses(bd: BufferDescriptor) -> tuple[np.ndarray, np.ndarray]:
         offs = offs + (i * bd.strides[d]).reshape(shape)
         ok = ok & ((i >= 0) & (i < bd.sizes[d])).reshape(shape)
     addrs = (bd.base + offs.ravel()) % (1 << 32)
-    return addrs, np.broadcast_to(ok, offs.shape).ravel().copy()
+    mask = np.broadcast_to(ok, offs.shape).ravel().copy()
+    addrs.flags.writeable = False
+    mask.flags.writeable = False
+    return addrs, mask
 
 
 def bd_elements(bd: BufferDescriptor) -> list[int | None]:
