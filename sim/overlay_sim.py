@@ -34,7 +34,7 @@ from .verilator import (
 )
 
 __all__ = ["CfgRecord", "OverlayJob", "OverlayResult", "OverlayRun", "build_overlay",
-           "overlay_harness_parameters", "record_lines", "run_overlay_jobs"]
+           "cfg_data_bits", "overlay_harness_parameters", "record_lines", "run_overlay_jobs"]
 
 HARNESS_SV = Path(__file__).resolve().parent / "harness" / "overlay_harness.sv"
 HARNESS_TOP = "tw_overlay_harness"
@@ -183,6 +183,15 @@ def _record_hex(r: CfgRecord, cfg_bits: int) -> str:
     return f"{value:0{(32 + cfg_bits + 3) // 4}x}"
 
 
+def cfg_data_bits(cfg: OverlayConfig) -> int:
+    """Data bits of the overlay's configuration port (``Overlay(cfg).cfg_bits``)."""
+    from tilewright.hw.overlay import Overlay
+
+    top = Overlay(cfg)
+    top._MustUse__silence = True
+    return top.cfg_bits
+
+
 def record_lines(records: Sequence[CfgRecord], cfg_bits: int) -> list[str]:
     """The harness's ``cfg.hex`` lines for ``records`` (``Overlay(cfg).cfg_bits`` data bits),
     with the terminating record (kind 15)."""
@@ -228,11 +237,8 @@ def run_overlay_jobs(cfg: OverlayConfig, jobs: Sequence[OverlayJob], *,
         If the simulator failed or a job stalled, timed out, reported an error or left the DDR
         model (the message carries the watchdog's report; the results are attached).
     """
-    from tilewright.hw.overlay import Overlay
 
-    top = Overlay(cfg)
-    top._MustUse__silence = True
-    cfg_bits = top.cfg_bits
+    cfg_bits = cfg_data_bits(cfg)
     wb = cfg.tile.word_bits
     digits = wb // 4
     bdir = build_overlay(cfg)

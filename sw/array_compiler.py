@@ -67,6 +67,7 @@ __all__ = [
     "Placement",
     "TilePlan",
     "compile_conv_array",
+    "read_planes",
 ]
 
 #: Tile locks of the array dataflow.
@@ -316,13 +317,18 @@ class ArrayLayer:
 
     def read_output(self, out_words: np.ndarray) -> np.ndarray:
         """The int8 ``(C, Ho, Wo)`` output from the output region's words."""
-        b = self.cfg.tile.block
-        c, ho, wo = self.out_shape
-        g = _cdiv(c, b)
-        raw = np.asarray(out_words, dtype=np.uint64)[:g * ho * wo]
-        by = raw.astype("<u8").view(np.uint8).reshape(g, ho, wo, 8)[..., :b]
-        return np.ascontiguousarray(by.view(np.int8).transpose(0, 3, 1, 2)
-                                    .reshape(g * b, ho, wo)[:c])
+        return read_planes(out_words, self.out_shape, self.cfg.tile.block)
+
+
+def read_planes(words: np.ndarray, shape: tuple[int, int, int], b: int) -> np.ndarray:
+    """The int8 ``(C, H, W)`` tensor stored as channel-group planes ``[G][H][W]`` of ``b``-byte
+    words (the inverse of the layout :func:`_planes` writes)."""
+    c, h, w = shape
+    g = _cdiv(c, b)
+    raw = np.asarray(words, dtype=np.uint64)[:g * h * w]
+    by = raw.astype("<u8").view(np.uint8).reshape(g, h, w, 8)[..., :b]
+    return np.ascontiguousarray(by.view(np.int8).transpose(0, 3, 1, 2)
+                                .reshape(g * b, h, w)[:c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +350,51 @@ def _planes(x: np.ndarray, b: int) -> np.ndarray:
     full[:c] = x
     return _words_of(full.reshape(g, b, h, w).transpose(0, 2, 3, 1).reshape(-1)
                      .view(np.uint8), b)
+
+
+class _DdrImage:
+    """A layer's DDR image while it is compiled.
+
+    Stand-alone (``place`` None): the operands as channel-group planes from word 0, one after
+    the other, then the (zero) output. Placed in a network's image: the operands and the
+    output where ``place`` says (not in this image), which holds only what :meth:`put`
+    appends from ``place.streams`` on.
+    """
+
+    def __init__(self, xs: list[np.ndarray], out_words: int, b: int,
+                 place: Placement | None, lname: str) -> None:
+        self.b = b
+        self.sizes = [_cdiv(x.shape[0], b) * x.shape[1] * x.shape[2] for x in xs]
+        self.parts: list[np.ndarray] = []
+        if place is None:
+            self.parts = [_planes(x, b) for x in xs]
+            self.bases = [sum(self.sizes[:i]) for i in range(len(xs))]
+            self.out_base = sum(self.sizes)
+            self.parts.append(np.zeros(out_words, np.uint64))
+            self.base, self.top = 0, self.out_base + out_words
+        else:
+            if len(place.inputs) != len(xs):
+                raise ValueError(f"layer {lname!r}: placement gives {len(place.inputs)} "
+                                 f"inputs, the layer has {len(xs)}")
+            self.bases, self.out_base = list(place.inputs), place.output
+            self.base = self.top = place.streams
+
+    def put(self, words: np.ndarray) -> int:
+        """Append ``words``; their first address."""
+        base = self.top
+        self.parts.append(np.asarray(words, dtype=np.uint64))
+        self.top += len(words)
+        return base
+
+    def words(self) -> np.ndarray:
+        """The image from :attr:`base` on (words of ``b`` bytes)."""
+        ddr = np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint64)
+        if self.b < 8:
+            ddr &= np.uint64((1 << (8 * self.b)) - 1)
+        return ddr
+
+    def regions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(zip(self.bases, self.sizes, strict=True))
 
 
 def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
@@ -560,25 +611,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     # ---- DDR: input and output tensors ----------------------------------------------------
     out_words = geo.gout * ho * wo
-    if place is None:
-        in_words = _planes(xa, b)
-        in_size = in_words.size
-        in_base, out_base = 0, in_size
-        chunks_of_ddr: list[np.ndarray] = [in_words, np.zeros(out_words, dtype=np.uint64)]
-        ddr_top = out_base + out_words
-    else:
-        in_size = geo.gin * h * w
-        in_base, out_base = place.inputs[0], place.output
-        chunks_of_ddr = []
-        ddr_top = place.streams
-    ddr_base = ddr_top - sum(c.size for c in chunks_of_ddr)
-
-    def put(words: np.ndarray) -> int:
-        nonlocal ddr_top
-        base = ddr_top
-        chunks_of_ddr.append(np.asarray(words, dtype=np.uint64))
-        ddr_top += len(words)
-        return base
+    img = _DdrImage([xa], out_words, b, place, lname)
+    in_base, out_base, in_size = img.bases[0], img.out_base, img.sizes[0]
 
     # ---- partition ---------------------------------------------------------------------------
     col_rows_all = _balance(nnz_row, C)
@@ -613,18 +647,15 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     jobs: list[ArrayJob] = []
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
         job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
-                         in_base, out_base, put)
+                         in_base, out_base, img.put)
         jobs.append(job)
 
-    ddr = np.concatenate(chunks_of_ddr) if chunks_of_ddr else np.zeros(0, np.uint64)
-    if b < 8:
-        ddr &= np.uint64((1 << (8 * b)) - 1)
     nnz = int(mask.sum())
     macs = cout * cin * kh * kw * ho * wo
     ddr_min = (nnz * taps * b * b + nnz * 2 + cout * 8 + cin * h * w + cout * ho * wo)
-    return ArrayLayer(lname, cfg, ddr, (in_base, in_size), (out_base, out_words),
+    return ArrayLayer(lname, cfg, img.words(), (in_base, in_size), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s,
-                      ddr_base, ((in_base, in_size),))
+                      img.base, img.regions())
 
 
 def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
@@ -955,29 +986,9 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
                                  name="q"), b, t.qrec_words)
 
     # ---- DDR ------------------------------------------------------------------------------
-    n_ops = 2 if is_add else 1
-    op_words = G * h * w
     out_words = G * ho * wo
-    if place is None:
-        parts = [_planes(xa, b)] + ([_planes(np.asarray(x_b), b)] if is_add else [])
-        bases = [i * op_words for i in range(n_ops)]
-        out_base = n_ops * op_words
-        parts.append(np.zeros(out_words, np.uint64))
-        top = out_base + out_words
-        ddr_base = 0
-    else:
-        if len(place.inputs) != n_ops:
-            raise ValueError(f"layer {lname!r}: placement gives {len(place.inputs)} inputs, "
-                             f"the layer has {n_ops}")
-        parts, bases, out_base = [], list(place.inputs), place.output
-        top = ddr_base = place.streams
-
-    def put(words: np.ndarray) -> int:
-        nonlocal top
-        base = top
-        parts.append(np.asarray(words, dtype=np.uint64))
-        top += len(words)
-        return base
+    img = _DdrImage([xa, np.asarray(x_b)] if is_add else [xa], out_words, b, place, lname)
+    n_ops, op_words, bases, out_base = len(img.bases), img.sizes[0], img.bases, img.out_base
 
     # ---- partition: channel groups, then rows, over runs until every tile fits ------------
     col_groups = [list(range(a, z)) for a, z in _split_rows(G, C)]
@@ -1015,16 +1026,12 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
             continue
         for rects in rect_sets:
             jobs.append(_eltwise_job(len(jobs), layer, geo, cfg, rf, rects, sub, bases,
-                                     out_base, qrec, pad_value, put))
-    ddr = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-    if b < 8:
-        ddr &= np.uint64((1 << (8 * b)) - 1)
+                                     out_base, qrec, pad_value, img.put))
     nbytes_io = n_ops * cin * h * w + cout * ho * wo
     macs = (2 if is_add else kh * kw) * cout * ho * wo
-    return ArrayLayer(lname, cfg, ddr, (bases[0], op_words), (out_base, out_words),
+    return ArrayLayer(lname, cfg, img.words(), (bases[0], op_words), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, 0,
-                      nbytes_io, (kh, kw), s, ddr_base,
-                      tuple((a, op_words) for a in bases))
+                      nbytes_io, (kh, kw), s, img.base, img.regions())
 
 
 def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,

@@ -52,6 +52,7 @@ from tilewright.sw.array_compiler import (
     _planes,
     compile_conv_array,
     compile_eltwise_array,
+    read_planes,
 )
 from tilewright.sw.graph import ConvNode, NetGraph, Node, PoolNode, import_model
 from tilewright.sw.ptq import QuantNet, quantize_graph, quantize_graph_from_checkpoint
@@ -416,13 +417,18 @@ class CompiledNetwork:
             return None
         return fig[0] if self.sparsity == 0.0 else fig[1]
 
-    def image(self) -> np.ndarray:
-        """The DDR image: every layer's headers and weight streams; activations zero."""
+    def image(self, xq: np.ndarray | None = None) -> np.ndarray:
+        """The DDR image: every layer's headers and weight streams, and the int8 network input
+        ``xq`` ``(C, H, W)`` at its place if given; the other activations zero."""
         ddr = np.zeros(self.ddr_words, dtype=np.uint64)
         for cl in self.layers:
             if cl.array is not None and cl.array.ddr.size:
                 a = cl.array.ddr_base
                 ddr[a:a + cl.array.ddr.size] = cl.array.ddr
+        if xq is not None:
+            words = _planes(np.asarray(xq), self.cfg.tile.block)
+            a = self.plan.base[self.qnet.graph.input_name]
+            ddr[a:a + words.size] = words
         return ddr
 
     def summary(self) -> dict[str, Any]:
@@ -490,11 +496,9 @@ class CompiledNetwork:
 
     def write(self, out: str | Path) -> Path:
         """Write the manifest, the DDR image and every run's configuration records."""
-        from tilewright.hw.overlay import Overlay
-        from tilewright.sim.overlay_sim import record_lines
+        from tilewright.sim.overlay_sim import cfg_data_bits, record_lines
 
-        top = Overlay(self.cfg)
-        top._MustUse__silence = True
+        bits = cfg_data_bits(self.cfg)
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         wb = self.cfg.tile.word_bytes
@@ -512,7 +516,7 @@ class CompiledNetwork:
                 for j, job in enumerate(cl.array.jobs):
                     f = Path("runs") / f"{i:03d}_{_safe(cl.name)}_{j}.cfg.hex"
                     (d / f).parent.mkdir(exist_ok=True)
-                    (d / f).write_text("\n".join(record_lines(job.records(self.cfg), top.cfg_bits))
+                    (d / f).write_text("\n".join(record_lines(job.records(self.cfg), bits))
                                        + "\n")
                     entry["runs"].append(str(f))
             layers.append(entry | {"estimate": cl.row(self.cfg)})
@@ -776,11 +780,7 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
         x = torch.randn(graph.input_shape, generator=torch.Generator().manual_seed(seed + 7))
     env = cn.qnet.run_int(x)
     b = cn.cfg.tile.block
-    ddr = cn.image()
-    a0 = cn.plan.base[graph.input_name]
-    xin = env[graph.input_name][0].numpy()
-    words = _planes(xin, b)
-    ddr[a0:a0 + words.size] = words
+    ddr = cn.image(env[graph.input_name][0].numpy())
     model = OverlayModel(cn.cfg)
     checks: list[LayerCheck] = []
     it: Iterable[CompiledLayer] = cn.layers
@@ -796,14 +796,9 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
             res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0))
             ddr = res.ddr
             cycles = int(res.cycles)
-        want = env[cl.name][0].numpy()
-        c, h, w = cl.shape
         a = cn.plan.base[cl.name]
-        n = -(-c // b) * h * w
-        raw = ddr[a:a + n]
-        by = raw.astype("<u8").view(np.uint8).reshape(-1, h, w, 8)[..., :b]
-        got = by.view(np.int8).transpose(0, 3, 1, 2).reshape(-1, h, w)[:c]
-        want = want.reshape(c, h, w)
+        got = read_planes(ddr[a:a + cn.plan.words[cl.name]], cl.shape, b)
+        want = env[cl.name][0].numpy().reshape(cl.shape)
         bad = int((got != want).sum())
         chk = LayerCheck(cl.name, cl.kind, bad == 0, bad, cycles)
         checks.append(chk)

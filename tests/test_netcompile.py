@@ -215,14 +215,7 @@ def test_tiny_network_on_rtl_layer_by_layer():
     cn = compile_network(TINY, cfg, sparsity=0.5, seed=3)
     checks, env = verify_network(cn, seed=3)
     assert all(c.ok for c in checks)
-    from tilewright.sw.array_compiler import _planes
-
-    b = cfg.tile.block
-    ddr = cn.image()
-    g = cn.qnet.graph
-    x = _planes(env[g.input_name][0].numpy(), b)
-    a = cn.plan.base[g.input_name]
-    ddr[a:a + x.size] = x
+    ddr = cn.image(env[cn.qnet.graph.input_name][0].numpy())
     for cl in cn.layers:
         if cl.array is None:
             continue
