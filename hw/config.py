@@ -133,6 +133,9 @@ class DdrConfig:
         after a pause; see docs/architecture.md, "DDR model").
     bds_per_channel : int
         Buffer descriptors per shim read channel.
+    read_fifo_words : int
+        Words of each shim read channel's FIFO: a channel keeps reading DDR ahead while its
+        packets wait for a bus another channel holds, then sends them a word per cycle.
     """
 
     read_channels: int = 2
@@ -140,6 +143,7 @@ class DdrConfig:
     bytes_per_cycle: int = 4
     latency: int = 64
     bds_per_channel: int = 16
+    read_fifo_words: int = 256
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ _DDR_RULES: dict[str, tuple[str, Any]] = {
     "bytes_per_cycle": ("a power of two from 1 to 64", lambda v: _is_pow2(v) and v <= 64),
     "latency": ("an integer from 0 to 4096", lambda v: 0 <= v <= 4096),
     "bds_per_channel": ("an integer from 1 to 64", lambda v: 1 <= v <= 64),
+    "read_fifo_words": ("an integer from 4 to 4096", lambda v: 4 <= v <= 4096),
 }
 _ARRAY_RULES: dict[str, tuple[str, Any]] = {
     "rows": ("an integer from 1 to 16", lambda v: 1 <= v <= 16),

@@ -107,8 +107,9 @@ class Datamover(wiring.Component):
     task_depth : int
         Tasks the queue holds, 1 to 64.
     skid_depth : int
-        MM2S output FIFO depth, 3 to 64 (3 sustains one word per cycle; more absorbs
-        back-pressure bursts).
+        MM2S output FIFO depth, 3 to 4096 (3 sustains one word per cycle; more lets the
+        channel read ahead while its stream is held up, e.g. the shim's DDR channels while
+        another channel's packet holds a bus).
 
     Members
     -------
@@ -151,7 +152,7 @@ class Datamover(wiring.Component):
         self.dims = check_int("dims", dims, 1, DIMS)
         self.lock_value_bits = check_int("lock_value_bits", lock_value_bits, 1, 16)
         self.task_depth = check_int("task_depth", task_depth, 1, 64)
-        self.skid_depth = check_int("skid_depth", skid_depth, 3, 64)
+        self.skid_depth = check_int("skid_depth", skid_depth, 3, 4096)
         members = {
             "bd_we": In(1),
             "bd_addr": In(BD_INDEX_BITS),

@@ -96,7 +96,8 @@ class Shim(wiring.Component):
         readers = []
         for k in range(cfg.ddr.read_channels):
             d = Datamover("mm2s", addr_bits=DDR_ADDR_BITS, word_bits=wb,
-                          n_bds=cfg.ddr.bds_per_channel, dims=4)
+                          n_bds=cfg.ddr.bds_per_channel, dims=4,
+                          skid_depth=cfg.ddr.read_fifo_words)
             m.submodules[f"rd{k}"] = d
             readers.append(d)
             wiring.connect(m, d.mem, wiring.flipped(self.rd[k]))

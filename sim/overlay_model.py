@@ -436,30 +436,46 @@ class OverlayModel:
     def _time_packets(self, chans, dest, avail, step, lat) -> None:
         """Arrival times of every packet, by a fluid simulation of the read side.
 
-        * A read channel sends its packets in order; its first DDR read waits ``lat`` cycles
-          (one task per channel), then a word takes ``step`` cycles (padding one).
+        * A read channel reads its packets from DDR in order into its FIFO (``fifo``
+          words, :attr:`~tilewright.hw.config.DdrConfig.read_fifo_words`) as long as the FIFO
+          has room: its first DDR read waits ``lat`` cycles (one task per channel), then a
+          word takes ``step`` cycles (padding one).
         * The row buses and the column buses are packet-level round-robin merges of the read
           channels that feed them (:class:`~tilewright.hw.packet.PacketMerge`): a packet
           holds its buses from its header to its last word, and the other channels' packets
-          wait (the read channels buffer only a few words), first come first served.
+          wait, first come first served, while their channels keep filling their FIFOs.
         * A packet that holds its buses streams once every tile it goes to can take it (the
-          acquire of its S2MM BD was granted: ``avail``).
+          acquire of its S2MM BD was granted: ``avail``): one word a cycle while its channel's
+          FIFO holds words, at the DDR's pace once the FIFO has run dry.
         * A tile's data-memory port takes one word per cycle, round robin over its channels:
           the packets streaming into a tile at the same time share it (max-min fair), and a
           broadcast packet runs at the pace of its slowest tile.
         """
         eps = 1e-9
+        depth = float(self.cfg.ddr.read_fifo_words)
         req: list = []                                   # (cycle, order, channel, packet)
         order = 0
+        # per channel: packet boundaries in stream words, DDR pace of each packet, words read
+        # from DDR and words sent on (the FIFO holds the difference)
+        bounds: dict = {}
+        pace: dict = {}
+        read: dict = {}
+        sent: dict = {}
         for key, chan in chans.items():
             if chan.packets:
                 req.append((float(lat), order, key, 0))
                 order += 1
+            sizes = [r + p for r, p in chan.cost]
+            bounds[key] = np.cumsum(sizes).tolist()
+            pace[key] = [(r + p) / (r * step + p) if r + p else 1.0 for r, p in chan.cost]
+            read[key] = 0.0
+            sent[key] = 0.0
         heapq.heapify(req)
         blocked: list = []                               # requests waiting for a bus
         held: set = set()                                # buses held by a packet
         starting: list = []                              # (ready, channel, packet, buses)
         active: dict = {}                                # (channel, packet) -> flow
+        streaming: dict = {}                             # channel -> its active flow key
         now = 0.0
 
         def grab(item) -> bool:
@@ -474,11 +490,40 @@ class OverlayModel:
             starting.append((ready, key, p, buses))
             return True
 
+        def producing(key) -> tuple[float, int]:
+            """The DDR pace of the packet channel ``key`` is reading, and that packet."""
+            i = int(np.searchsorted(bounds[key], read[key] + eps, side="right"))
+            if i >= len(bounds[key]):
+                return 0.0, i
+            return pace[key][i], i
+
         while req or blocked or starting or active:
+            for fk, f in active.items():
+                level = read[fk[0]] - sent[fk[0]]
+                f["cap"] = 1.0 if level > eps else producing(fk[0])[0]
             rates = _fair_rates(active)
+            prod: dict = {}
             t_next = float("inf")
+            for key in chans:
+                if now + eps < lat:
+                    prod[key] = 0.0
+                    continue
+                pc, i = producing(key)
+                fk = streaming.get(key)
+                out = rates[fk] if fk is not None else 0.0
+                level = read[key] - sent[key]
+                prod[key] = pc if level < depth - eps else min(pc, out)
+                if prod[key] > 0:
+                    t_next = min(t_next, now + (bounds[key][i] - read[key]) / prod[key])
+                dl = prod[key] - out
+                if dl < -eps and level > eps:
+                    t_next = min(t_next, now + level / -dl)
+                elif dl > eps and level < depth - eps:
+                    t_next = min(t_next, now + (depth - level) / dl)
+            if now + eps < lat:
+                t_next = min(t_next, float(lat))
             if req:
-                t_next = req[0][0]
+                t_next = min(t_next, req[0][0])
             if starting:
                 t_next = min(t_next, min(x[0] for x in starting))
             for fk, f in active.items():
@@ -487,12 +532,20 @@ class OverlayModel:
             if t_next == float("inf"):
                 raise DeadlockError("the read channels wait for each other's buses")
             t_next = max(t_next, now)
+            dt = t_next - now
+            for key in chans:
+                read[key] = min(read[key] + prod[key] * dt, float(bounds[key][-1])
+                                if bounds[key] else 0.0)
             for fk, f in active.items():
-                f["rem"] -= rates[fk] * (t_next - now)
+                f["rem"] -= rates[fk] * dt
+                sent[fk[0]] += rates[fk] * dt
             now = t_next
             for fk in [fk for fk, f in active.items() if f["rem"] <= eps]:
                 f = active.pop(fk)
                 key, p = fk
+                streaming.pop(key, None)
+                sent[key] = float(bounds[key][p])
+                read[key] = max(read[key], sent[key])
                 chans[key].packets[p].end = now + _PIPE_IN
                 held.difference_update(f["buses"])
                 if p + 1 < len(chans[key].packets):
@@ -506,10 +559,10 @@ class OverlayModel:
                 starting.remove(item)
                 _, key, p, buses = item
                 real, pad = chans[key].cost[p]
-                n = real + pad
                 active[(key, p)] = {
-                    "rem": float(n), "cap": n / (real * step + pad) if n else 1.0,
+                    "rem": float(real + pad), "cap": 1.0,
                     "tiles": {tkey for tkey, _, _ in dest[key][p]}, "buses": buses}
+                streaming[key] = (key, p)
 
     def _buses(self, key: tuple[int, int], header: int) -> list[tuple]:
         """The merged buses a packet of read channel ``key = (column, channel)`` holds."""

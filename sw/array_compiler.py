@@ -16,17 +16,19 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   groups); its input slice (the rectangle's input plus the halo, padded, every input channel
   group) is read from DDR once, padded on the fly by the shim's descriptors, and broadcast
   along the tile row (row bus ``r``) to the tiles of every column. The slice is cut by input
-  channel groups into parts spread over all the read channels (a tile row's on the two
-  channels of one column), so that every channel starts with a share of the activations;
-  each part's header carries its tile-memory address and the lock the tile unit's
-  activation writer releases when it has landed.
+  channel groups into parts alternating between the two read channels of one column; each
+  part's header carries its tile-memory address and the lock of its stage
+  (:data:`ACT_LOCKS`), which the tile unit's activation writer releases when it has landed,
+  so that the core starts on the first parts while the others stream in.
 * **Weights stream down the columns.** A column's block rows are cut into chunks (several
   block rows: their requantisation records and non-zero weight lines, compacted -- a zero
   block never crosses DDR or a port). Chunk ``k`` goes into weight buffer ``k mod 2`` of
   every tile of the column (ping/pong, with locks, so that the next chunk streams in while the
-  core computes on this one; the first chunk is a single block row); its first half travels
-  on column bus 0 (read channel 0) and its second half on column bus 1 (read channel 1), one
-  broadcast packet each, so both of the column's DDR channels stream every chunk.
+  core computes on this one; small chunks first and last, see :func:`_chunks`); its first
+  half travels on column bus 0 (read channel 0) and its second half on column bus 1 (read
+  channel 1), one broadcast packet each, so both of the column's DDR channels stream every
+  chunk. Each channel sends its activation parts and weight packets in the order the cores
+  need them.
 * **Outputs stream back.** After chunk ``k`` the core releases its output lock and MM2S
   channel ``k mod 2`` sends one packet per block row (a header with the DDR address, then the
   tile's rows of that channel group, contiguous in the DDR's channel-group-planar layout).
@@ -78,6 +80,10 @@ LOCK_IN = 0
 LOCK_WFULL = ((1, 2), (3, 4))
 LOCK_WEMPTY = ((5, 6), (7, 8))
 LOCK_OFULL = (9, 10)
+#: An activation slice's parts in stages (:func:`_act_stage`): each part releases its stage's
+#: lock, which the core acquires before the first chunk that uses an input channel group of
+#: that stage.
+ACT_LOCKS = (LOCK_IN, 11, 12, 13, 14, 15)
 #: Tile DMA channel numbers (``bd_ch``): S2MM 1/2 the weight buses, then MM2S (channel 0,
 #: the activation writer, takes no BDs).
 CH_W = (1, 2)
@@ -87,8 +93,23 @@ TILE_BDS = 16
 #: What the run splitter charges for one more overlay run, in DDR words (its start-up: the
 #: DDR latency, the first weight chunk and the input slice before any tile computes).
 RUN_COST_WORDS = 2048
-#: On a column's second read channel, the first weight chunk goes before the activation part.
-ACT_AFTER_FIRST_CHUNK = True
+#: Words of a column's first weight chunk when block rows may be cut into pieces (0: the first
+#: chunk is one block row), and how much larger each next chunk may be.
+RAMP_WORDS = 256
+RAMP_GROWTH = 1.6
+#: With the shrinking end, a chunk holds at most this share of the words left.
+RAMP_DOWN = 0.6
+#: What the chunker tries, in order (buffers, pieces, first chunk in RAMP_WORDS, shrinking at
+#: the end): two weight buffers (ping/pong) with small chunks at both ends, at the start only,
+#: whole block rows; then block rows in pieces; then one buffer (the next chunk then streams
+#: in only after the core is done with this one).
+_TIERS = ((2, True, 1, True), (2, True, 1, False), (2, True, 4, False), (2, False, 0, False),
+          (2, True, 0, False), (1, False, 0, False), (1, True, 0, False))
+#: The same where a tile's pixel groups do not fit the accumulators (no pieces).
+_TIERS_WHOLE = ((2, False, 0, False), (1, False, 0, False))
+#: Activation parts per read channel (each tile row's slice is cut into this many parts per
+#: channel that carries it).
+ACT_PARTS_PER_CHANNEL = 6
 #: Largest size of one BD dimension.
 _DIM_MAX = (1 << 16) - 1
 
@@ -100,12 +121,23 @@ def _encode(bd: BufferDescriptor) -> int:
     return bd.encode()
 
 
+def _act_stage(p: int, n: int) -> int:
+    """The stage of part ``p`` of ``n``: one part a stage while there are locks, then the
+    later stages take more (earlier parts are needed first, so their stages are smaller)."""
+    k = len(ACT_LOCKS)
+    return p if n <= k else k - 1 - (n - 1 - p) * k // n
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def _align(a: int, n: int) -> int:
     return _cdiv(a, n) * n
+
+
+class _ShimBdsShort(ValueError):
+    """A read channel's stream needs more BDs than the shim has."""
 
 
 @dataclass
@@ -386,6 +418,14 @@ class _DdrImage:
         self.top += len(words)
         return base
 
+    def mark(self) -> tuple[int, int]:
+        return len(self.parts), self.top
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Drop what :meth:`put` appended since ``mark``."""
+        del self.parts[mark[0]:]
+        self.top = mark[1]
+
     def words(self) -> np.ndarray:
         """The image from :attr:`base` on (words of ``b`` bytes)."""
         ddr = np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint64)
@@ -515,25 +555,55 @@ def _rectangles(geo: _Geometry, h0: int, h1: int, R: int, pixels: int
 
 
 def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, qrec: int,
-            max_chunks: int, split: bool = False) -> list[Chunk] | None:
+            max_chunks: int, split: bool = False, ramp: int = 0,
+            down: bool = False) -> list[Chunk] | None:
     """Greedy chunks of ``rows`` (``nnz`` non-zero blocks of ``blk_words`` weight words each)
-    no larger than ``cap`` words; the first chunk is a single block row (or its first piece),
-    so that the cores start as early as possible. With ``split`` a row larger than a chunk is
-    cut into pieces (see :class:`Chunk`); otherwise such a row makes it None."""
+    no larger than ``cap`` words. With ``split`` a row larger than a chunk is cut into pieces
+    (see :class:`Chunk`); otherwise such a row makes it None. The first chunk is small, so that
+    the cores start as early as possible: with ``ramp`` (pieces allowed) it holds at most
+    ``ramp`` words and each next chunk at most :data:`RAMP_GROWTH` times the previous one
+    (so that it streams in while the core computes on that one), and with ``down`` at most
+    :data:`RAMP_DOWN` of the words left (so that the last chunk's outputs are few); without,
+    it is a single block row."""
     out: list[Chunk] = []
     cur: list[tuple[int, int, int]] = []
     w = 0
+    split = split or ramp > 0
+    total = sum(nnz) * blk_words + _align(qrec, b) * len(rows)
 
     def close() -> None:
         nonlocal cur, w
         out.append(Chunk(cur, _align(len(cur) * qrec, b), w, 0))
         cur, w = [], 0
 
+    def limit() -> int:
+        if not ramp:
+            return cap
+        grow = int(out[-1].words * RAMP_GROWTH) if out else ramp
+        left = total - sum(o.words for o in out)
+        tail = max(ramp, int(left * RAMP_DOWN)) if down else cap
+        return max(min(cap, grow, tail), blk_words + _align(qrec, b))
+
+    if ramp:
+        # fill every chunk to its limit, cutting block rows at any block
+        for g, n in zip(rows, nnz, strict=True):
+            j = 0
+            while True:
+                k = min(n - j, (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words)
+                if k < 1 and (n > j or _align((len(cur) + 1) * qrec, b) + w > limit()):
+                    close()
+                    continue
+                cur.append((g, j, j + k))
+                w += k * blk_words
+                j += k
+                if j == n:
+                    break
+        return _finish(out, cur, close, rows, nnz, max_chunks)
     for g, n in zip(rows, nnz, strict=True):
         ww = n * blk_words
-        if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > cap or not out):
+        if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > limit() or not out):
             close()
-        if _align((len(cur) + 1) * qrec, b) + w + ww <= cap:
+        if _align((len(cur) + 1) * qrec, b) + w + ww <= limit():
             cur.append((g, 0, n))
             w += ww
             continue
@@ -541,7 +611,7 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
             return None
         j = 0
         while j < n:
-            k = (cap - _align((len(cur) + 1) * qrec, b) - w) // blk_words
+            k = (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words
             if k < 1:
                 if not cur:
                     return None
@@ -553,6 +623,11 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
             j += k
             if j < n:
                 close()
+    return _finish(out, cur, close, rows, nnz, max_chunks)
+
+
+def _finish(out: list[Chunk], cur: list, close, rows: list[int], nnz: list[int],
+            max_chunks: int) -> list[Chunk] | None:
     if cur:
         close()
     if len(out) > max_chunks:
@@ -646,8 +721,18 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     jobs: list[ArrayJob] = []
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
-        job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
-                         in_base, out_base, img.put)
+        # as many activation parts as the shim's BDs allow (more parts: the cores start
+        # sooner)
+        for n_act in range(ACT_PARTS_PER_CHANNEL, 0, -1):
+            mark = img.mark()
+            try:
+                job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
+                                 in_base, out_base, img.put, n_act)
+                break
+            except _ShimBdsShort:
+                img.rollback(mark)
+                if n_act == 1:
+                    raise
         jobs.append(job)
 
     nnz = int(mask.sum())
@@ -660,7 +745,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
 def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
     """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it)."""
-    n = 11 + 1 + 1                                  # SETPs, ACQ of the input, HALT
+    # SETPs, HALT, the input's ACQs and the CONVs they cut (HOLD, SETP, ACC: 4 words more)
+    n = 11 + 1 + 5 * len(ACT_LOCKS)
     for chk in chunks:
         parts = len(chk.parts(b))
         n += 2 * parts + 3 + 1                      # ACQ/REL per part, 3 SETPs, fence
@@ -701,16 +787,13 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
                     chunks.append([])
                     layout.append((0, 0, 0, 2))
                     continue
-                # two weight buffers (ping/pong) if a chunk fits half the free memory, else
-                # block rows cut into pieces (HOLD/ACC) if a tile's pixel groups fit one
-                # accumulator chunk, else one buffer (the next chunk then streams in only
-                # after the core is done with this one)
                 ch = None
-                for nbuf, split in ((2, False), (2, can_split), (1, False), (1, can_split)):
+                nnz = [int(nnz_row[g]) for g in rows]
+                for nbuf, split, ramp, down in _TIERS if can_split else _TIERS_WHOLE:
                     cap = (free // nbuf) // (8 * b) * (8 * b)
                     if cap > 0:
-                        ch = _chunks(rows, [int(nnz_row[g]) for g in rows], taps * b, cap, b,
-                                     qrec, TILE_BDS, split)
+                        ch = _chunks(rows, nnz, taps * b, cap, b, qrec, TILE_BDS, split,
+                                     ramp * RAMP_WORDS, down)
                     if ch is not None:
                         break
                 if ch is None or _program_words(ch, nnz_row, b) > t.pmem_words:
@@ -724,7 +807,7 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
 def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
                chunks: list[list[Chunk]], layout: list[tuple[int, int, int, int]], rf,
-               in_base: int, out_base: int, put) -> ArrayJob:
+               in_base: int, out_base: int, put, n_act_parts: int) -> ArrayJob:
     t = cfg.tile
     b = t.block
     R, C = cfg.array.rows, cfg.array.cols
@@ -733,18 +816,25 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                    and row_ranges[r][3] > row_ranges[r][2]]
     tile_mask = sum(1 << r for r in active_rows)
 
-    # ---- weight streams: chunk k into buffer k % 2, its first half on bus 0, the second
+    # ---- weight packets: chunk k into buffer k % 2, its first half on bus 0, the second
     # half on bus 1 (both of the column's read channels stream every chunk) --------------------
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
     wlines = _weight_lines_all(layer, b)
     qbytes = _qbytes_all(layer, b, t.qrec_words)
-    weight_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
-    first_bds: dict[tuple[int, int], int] = {}
+    wpk: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}   # (c, bus) -> (k, words)
+    # highest input channel group chunks 0..k of column c use (which activation parts the
+    # core needs before chunk k)
+    upto: dict[int, list[int]] = {}
+    # the input channel group of every block column c's cores take, in order, and where each
+    # chunk starts in that order (when the cores need what: one block a step)
+    seq: dict[int, list[int]] = {c: [] for c in range(C)}
+    chunk_at: dict[int, list[int]] = {c: [] for c in range(C)}
     for c in range(C):
-        per_bus: list[list[np.ndarray]] = [[], []]
         blk = geo.kh * geo.kw * b * b                 # bytes of one block's weight lines
-        for chk in chunks[c]:
+        hi = -1
+        upto[c] = []
+        for k, chk in enumerate(chunks[c]):
             body = [np.concatenate([qbytes[g] for g, _, _ in chk.pieces]).view(np.uint8)]
             pad_q = chk.q_words * b - sum(qbytes[g].size for g, _, _ in chk.pieces)
             if pad_q:
@@ -754,29 +844,29 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             assert payload.size == chk.words
             for bus, (off, n) in enumerate(chk.parts(b)):
                 hdr = np.array([n | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64)
-                per_bus[bus].append(np.concatenate([hdr, payload[off:off + n]]))
-        for bus in (0, 1):
-            if not per_bus[bus]:
-                continue
-            words = np.concatenate(per_bus[bus])
-            base = put(words)
-            n0 = per_bus[bus][0].size                     # the first chunk's packet
-            weight_bds[(c, bus)] = (_linear_bds(base, n0)
-                                    + _linear_bds(base + n0, words.size - n0))
-            first_bds[(c, bus)] = len(_linear_bds(base, n0))
+                wpk.setdefault((c, bus), []).append(
+                    (k, np.concatenate([hdr, payload[off:off + n]])))
+            chunk_at[c].append(len(seq[c]))
+            for g, j0, j1 in chk.pieces:
+                used = np.flatnonzero(mask[g])[j0:j1]
+                seq[c] += used.tolist()
+                if used.size:
+                    hi = max(hi, int(used[-1]))
+            upto[c].append(hi)
 
     # ---- activation slices: tile row r's slice, cut by input channel groups into parts
-    # spread over all read channels (first in each channel's stream); each part carries its
-    # tile-memory address and LOCK_IN, so the parts may arrive in any order -------------------
-    act_bds: dict[tuple[int, int], list[BufferDescriptor]] = {}
-    act_parts: dict[int, int] = {}
-    # a tile row's parts on the two channels of one column (measured on aie2-4x4: 3 % fewer
-    # cycles than spreading them over channel 0 of two columns, and every tile equally fast)
+    # alternating between the two read channels of one column (measured on aie2-4x4: 3 % fewer
+    # cycles than spreading them over channel 0 of two columns, and every tile equally fast).
+    # Each part's header carries its tile-memory address and the lock of its stage
+    # (ACT_LOCKS[stage]), so the parts may arrive in any order and the cores start on the
+    # first parts while the rest stream in ----------------------------------------------------
     chans = [(c, ch) for c in range(C) for ch in range(min(2, cfg.ddr.read_channels))]
-    nparts = max(1, len(chans) // max(1, len(active_rows)))
-    turn = 0
+    per_row = max(1, len(chans) // max(1, len(active_rows)))
+    # (c, ch) -> [(first step that needs it, part, words, [BDs])]; row -> part group ranges
+    act_items: dict[tuple[int, int], list[tuple[int, int, int, list[BufferDescriptor]]]] = {}
+    act_groups: dict[int, list[tuple[int, int]]] = {}
     aw = t.addr_bits
-    for r in active_rows:
+    for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
         rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
         a0 = h0 * geo.s - geo.ph                     # first input row (image coordinates)
@@ -788,33 +878,68 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         if not (y1 > y0 and x1 > x0):
             raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input pixel")
         plane = rows_in * cols_in
-        groups = [p for p in _split_rows(geo.gin, min(nparts, geo.gin)) if p[1] > p[0]]
-        act_parts[r] = len(groups)
-        for g0, g1 in groups:
+        nparts = min(per_row * n_act_parts, geo.gin)
+        groups = [p for p in _split_rows(geo.gin, nparts) if p[1] > p[0]]
+        act_groups[r] = groups
+        for pi, (g0, g1) in enumerate(groups):
             n_words = (g1 - g0) * plane
+            lock = ACT_LOCKS[_act_stage(pi, len(groups))]
             route = (1 + n_words) | (1 << (rf.row + r))
-            write = n_words | (g0 * plane << 16) | (LOCK_IN << (16 + aw))
+            write = n_words | (g0 * plane << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
             part = BufferDescriptor(in_base + g0 * geo.h * geo.w + y0 * geo.w + x0,
                                     (x1 - x0, y1 - y0, g1 - g0), (1, geo.w, geo.h * geo.w),
                                     (pad_l, pad_top, 0), (pad_r, pad_bot, 0))
-            key = chans[turn % len(chans)]
-            turn += 1
-            act_bds.setdefault(key, []).extend([BufferDescriptor(hbase, (2,), (1,)), part])
+            # the first step at which a core of any column uses an input group of this part's
+            # stage
+            s0 = min(g for i, (g, _) in enumerate(groups)
+                     if _act_stage(i, len(groups)) == _act_stage(pi, len(groups)))
+            need = min((int(np.searchsorted(np.maximum.accumulate(seq[c]), s0))
+                        for c in range(C) if seq[c]), default=0)
+            key = chans[(ri * per_row + pi % per_row) % len(chans)]
+            act_items.setdefault(key, []).append(
+                (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
 
+    step = geo.kh * geo.kw * max((h1 - h0) * _cdiv(w1 - w0, t.pixels)
+                                 for h0, h1, w0, w1 in row_ranges)
+    rate = cfg.ddr.bytes_per_cycle / t.word_bytes
+    # ---- each read channel streams its activation parts and weight packets in the order
+    # the cores need them; consecutive weight packets are one DDR run ------------------------
     for c in range(C):
         for ch in (0, 1):
-            wb_, act = weight_bds.get((c, ch), []), act_bds.get((c, ch), [])
-            if ch == 1 and ACT_AFTER_FIRST_CHUNK:
-                # the row bus takes one activation part at a time: while channel 0's part
-                # streams, channel 1 sends its half of the first chunk instead of waiting
-                k = first_bds.get((c, ch), 0)
-                bds = wb_[:k] + act + wb_[k:]
-            else:
-                bds = act + wb_
+            # by the latest cycle each can start streaming and still arrive in time: when
+            # the cores need it (a block takes `step` cycles) less its time on the channel
+            # (a bus's weight packets stay in chunk order: the tiles' BDs take them so)
+            wl = wpk.get((c, ch), [])
+            late = [chunk_at[c][k] * step - w.size / rate for k, w in wl]
+            for i in range(len(late) - 2, -1, -1):
+                late[i] = min(late[i], late[i + 1])
+            # ... and an activation part never waits behind the packet of a chunk whose buffer
+            # the cores free only after a chunk that needs the part (no deadlock)
+            nbuf = layout[c][3]
+            acts = sorted((need * step - n / rate, pi, need, bds)
+                          for need, pi, n, bds in act_items.get((c, ch), []))
+            items: list[tuple[int, object]] = []
+            for i, (k, w) in enumerate(wl):
+                now = [a for a in acts if a[0] <= late[i]
+                       or (k >= nbuf and chunk_at[c][k - nbuf + 1] > a[2])]
+                acts = [a for a in acts if a not in now]
+                items += [(1, a[3]) for a in now] + [(0, w)]
+            items += [(1, a[3]) for a in acts]
+            bds: list[BufferDescriptor] = []
+            run: list[np.ndarray] = []
+            for is_act, it in [*items, (1, [])]:
+                if not is_act:
+                    run.append(it)
+                    continue
+                if run:
+                    bds += _linear_bds(put(np.concatenate(run)), sum(x.size for x in run))
+                    run = []
+                bds += it
             if len(bds) > cfg.ddr.bds_per_channel:
-                raise ValueError(f"layer {layer.name!r}: column {c} read channel {ch} needs "
-                                 f"{len(bds)} BDs, the shim has {cfg.ddr.bds_per_channel}")
+                raise _ShimBdsShort(f"layer {layer.name!r}: column {c} read channel {ch} "
+                                    f"needs {len(bds)} BDs, the shim has "
+                                    f"{cfg.ddr.bds_per_channel}")
             shim_bds[c][ch] = _chain(bds)
 
     # ---- tiles ---------------------------------------------------------------------------------
@@ -857,18 +982,48 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
-            p = Program().setps(**params).acquire(LOCK_IN, act_parts[r])
-            n_out = 0                           # chunks that completed rows so far
+            p = Program().setps(**params)
+            groups = act_groups[r]
+            stage_of = np.zeros(geo.gin, np.int64)   # input channel group -> its stage
+            stages = [0] * len(ACT_LOCKS)            # parts of each stage
+            for pi, (g0, g1) in enumerate(groups):
+                stage_of[g0:g1] = _act_stage(pi, len(groups))
+                stages[_act_stage(pi, len(groups))] += 1
+            got = 0                                  # stages acquired so far
+            # a CONV may stop (HOLD) where its next block needs a stage not acquired yet, and
+            # go on (ACC) after the acquire, if the tile's pixel groups fit the accumulators
+            can_cut = nrows * _cdiv(ncols, t.pixels) <= t.acc_depth
+            n_out = 0                                # chunks that completed rows so far
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
+                if not can_cut:
+                    while got <= stage_of[max(upto[c][k], 0)]:
+                        p.acquire(ACT_LOCKS[got], stages[got])
+                        got += 1
                 for part in range(nparts):
                     p.acquire(LOCK_WFULL[buf][part])
                 p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
                         OUT_BASE=outb + chk.first * out_cg + 1)
-                for g, j0, j1 in chk.pieces:
+                for i, (g, j0, j1) in enumerate(chk.pieces):
                     n = int(mask[g].sum())
-                    p.conv(np.flatnonzero(mask[g])[j0:j1].tolist(), relu=layer.relu,
-                           hold=j1 < n, acc=j0 > 0)
+                    blocks = np.flatnonzero(mask[g])[j0:j1].tolist()
+                    a = 0
+                    for e in range(len(blocks) + 1):
+                        if e < len(blocks) and stage_of[blocks[e]] < got:
+                            continue
+                        if e > a:           # blocks[a:e] need no more stages
+                            last = e == len(blocks)
+                            p.conv(blocks[a:e], relu=layer.relu,
+                                   hold=not last or j1 < n, acc=a > 0 or j0 > 0)
+                            if not last:    # the CONV's record again for the rest
+                                p.setps(Q_PTR=wbuf[buf] + i * t.qrec_words)
+                        if e < len(blocks):
+                            while got <= stage_of[blocks[e]]:
+                                p.acquire(ACT_LOCKS[got], stages[got])
+                                got += 1
+                        a = e
+                    if not blocks:
+                        p.conv([], relu=layer.relu, hold=False, acc=False)
                 p.nop(fence=True)
                 for part in range(nparts):
                     p.release(LOCK_WEMPTY[buf][part])
@@ -876,7 +1031,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     p.release(LOCK_OFULL[n_out % 2])
                     n_out += 1
             tp.program = p.halt().words
-            assert len(tp.program) == _program_words(chunks[c], mask.sum(axis=1), b)
+            assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b)
             if len(tp.program) > t.pmem_words:
                 raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "

@@ -49,6 +49,8 @@ def _load(tmp_path, text):
      "'memtile.bytes' must be a power of two from 4096 to 4194304, not 100000"),
     (GOOD + "memtile: {dma: 3}\n", "unknown key 'memtile.dma'"),
     (GOOD + "ddr: {bytes_per_cycle: 3}\n", "'ddr.bytes_per_cycle' must be a power of two"),
+    (GOOD + "ddr: {read_fifo_words: 2}\n",
+     "'ddr.read_fifo_words' must be an integer from 4 to 4096, not 2"),
     ("name: [\n", "not valid YAML"),
 ])
 def test_bad_configs_name_file_field_and_value(tmp_path, text, message):

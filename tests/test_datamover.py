@@ -202,7 +202,7 @@ def test_transfer_cycles_formula():
     ({"addr_bits": 0}, ValueError, "addr_bits must be an integer from 1 to 32, not 0"),
     ({"n_bds": 65}, ValueError, "n_bds must be an integer from 1 to 64, not 65"),
     ({"dims": 5}, ValueError, "dims must be an integer from 1 to 4, not 5"),
-    ({"skid_depth": 2}, ValueError, "skid_depth must be an integer from 3 to 64, not 2"),
+    ({"skid_depth": 2}, ValueError, "skid_depth must be an integer from 3 to 4096, not 2"),
     ({"word_bits": 8.0}, TypeError, "word_bits must be an integer, not 8.0"),
 ])
 def test_datamover_constructor_validation(kwargs, exc, msg):

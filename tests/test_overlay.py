@@ -15,7 +15,14 @@ from tilewright.hw.config import ConfigError, config_from_dict, load_config
 from tilewright.hw.generate import generate_overlay
 from tilewright.sim.layercases import make_conv, rand_i8
 from tilewright.sim.overlay_model import OverlayModel
-from tilewright.sw.array_compiler import LOCK_WEMPTY, compile_conv_array, compile_eltwise_array
+from tilewright.sw.array_compiler import (
+    LOCK_WEMPTY,
+    RAMP_DOWN,
+    RAMP_GROWTH,
+    _chunks,
+    compile_conv_array,
+    compile_eltwise_array,
+)
 from tilewright.sw.quantize import fixed_point
 from tilewright.sw.tile_compiler import AddLayer, PoolLayer, reference_output
 
@@ -309,3 +316,50 @@ def test_model_timing_lower_bounds(cfg_name, cin, cout, size):
         assert cycles >= lat + step * max(words), (cycles, words)
         assert cycles >= lat + payload, (cycles, payload)
         assert cycles >= lat + step * row, (cycles, row)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunks_ramp_up_and_down(seed):
+    """With pieces allowed, chunks cover every block of every row once, in order, within the
+    cap; the first holds at most the ramp's words, each next at most RAMP_GROWTH times the
+    previous one (and a block), each at most RAMP_DOWN of what is left (or the ramp)."""
+    rng = np.random.default_rng(seed)
+    rows = list(range(int(rng.integers(1, 10))))
+    nnz = [int(v) for v in rng.integers(0, 40, len(rows))]
+    blk, b, qrec, cap, ramp = 72, 8, 1, int(rng.integers(300, 3000)), 256
+    out = _chunks(rows, nnz, blk, cap, b, qrec, 64, False, ramp, True)
+    assert out is not None, f"seed {seed}"
+    seen = {g: 0 for g in rows}
+    for i, chk in enumerate(out):
+        assert chk.words <= cap, f"seed {seed}"
+        assert chk.w_words == sum(j1 - j0 for _, j0, j1 in chk.pieces) * blk
+        left = sum(c.words for c in out[i:])
+        floor = blk + b
+        limit = max(min(cap, ramp if i == 0 else int(out[i - 1].words * RAMP_GROWTH),
+                        max(ramp, int(left * RAMP_DOWN))), floor)
+        assert chk.words <= limit, f"seed {seed}: chunk {i} {chk.words} > {limit}"
+        for g, j0, j1 in chk.pieces:
+            assert j0 == seen[g] and j1 >= j0, f"seed {seed}"
+            seen[g] = j1
+    assert seen == dict(zip(rows, nnz, strict=True)), f"seed {seed}"
+    done = [g for chk in out for g in chk.rows]
+    assert done == rows, f"seed {seed}"
+
+
+def test_model_shim_fifo_reads_ahead():
+    """The shim read channels' FIFOs (ddr.read_fifo_words) let a channel read DDR while its
+    packet waits for a row bus another channel holds: the same layer, the same outputs and
+    DDR traffic, fewer cycles than with 4-word FIFOs."""
+    cfg = _cfg("aie2-2x2")
+    rng = np.random.default_rng(3)
+    layer = make_conv(rng, 128, 64, (3, 3), 1, (1, 1), True, 0.5, cfg.tile.block)
+    x = rand_i8(rng, (128, 14, 14))
+    al = compile_conv_array(layer, x, cfg)
+    small = dataclasses.replace(cfg, ddr=dataclasses.replace(cfg.ddr, read_fifo_words=4))
+    big = OverlayModel(cfg).run_layer(al)
+    tiny = OverlayModel(small).run_layer(al)
+    want = reference_output(layer, x)
+    assert np.array_equal(big.output.reshape(want.shape), want)
+    assert np.array_equal(tiny.output, big.output)
+    assert (tiny.rd_words, tiny.wr_words) == (big.rd_words, big.wr_words)
+    assert big.cycles < tiny.cycles, (big.cycles, tiny.cycles)
