@@ -136,6 +136,10 @@ def _align(a: int, n: int) -> int:
     return _cdiv(a, n) * n
 
 
+class _TooMany(Exception):
+    """More chunks than BDs (the chunker gives up early)."""
+
+
 class _ShimBdsShort(ValueError):
     """A read channel's stream needs more BDs than the shim has."""
 
@@ -571,59 +575,67 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
     split = split or ramp > 0
     total = sum(nnz) * blk_words + _align(qrec, b) * len(rows)
 
+    done = 0                                 # words in the closed chunks
+
     def close() -> None:
-        nonlocal cur, w
+        nonlocal cur, w, done
         out.append(Chunk(cur, _align(len(cur) * qrec, b), w, 0))
+        done += out[-1].words
         cur, w = [], 0
+        if len(out) > max_chunks:
+            raise _TooMany
 
     def limit() -> int:
         if not ramp:
             return cap
         grow = int(out[-1].words * RAMP_GROWTH) if out else ramp
-        left = total - sum(o.words for o in out)
+        left = total - done
         tail = max(ramp, int(left * RAMP_DOWN)) if down else cap
         return max(min(cap, grow, tail), blk_words + _align(qrec, b))
 
-    if ramp:
-        # fill every chunk to its limit, cutting block rows at any block
+    try:
+        if ramp:
+            # fill every chunk to its limit, cutting block rows at any block
+            for g, n in zip(rows, nnz, strict=True):
+                j = 0
+                while True:
+                    k = min(n - j, (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words)
+                    if k < 1 and (n > j or _align((len(cur) + 1) * qrec, b) + w > limit()):
+                        close()
+                        continue
+                    cur.append((g, j, j + k))
+                    w += k * blk_words
+                    j += k
+                    if j == n:
+                        break
+            return _finish(out, cur, close, rows, nnz, max_chunks)
         for g, n in zip(rows, nnz, strict=True):
+            ww = n * blk_words
+            if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > limit() or not out):
+                close()
+            if _align((len(cur) + 1) * qrec, b) + w + ww <= limit():
+                cur.append((g, 0, n))
+                w += ww
+                continue
+            if not split or n < 2:
+                return None
             j = 0
-            while True:
-                k = min(n - j, (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words)
-                if k < 1 and (n > j or _align((len(cur) + 1) * qrec, b) + w > limit()):
+            while j < n:
+                k = (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words
+                if k < 1:
+                    if not cur:
+                        return None
                     close()
                     continue
+                k = min(k, n - j)
                 cur.append((g, j, j + k))
                 w += k * blk_words
                 j += k
-                if j == n:
-                    break
+                if j < n:
+                    close()
         return _finish(out, cur, close, rows, nnz, max_chunks)
-    for g, n in zip(rows, nnz, strict=True):
-        ww = n * blk_words
-        if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > limit() or not out):
-            close()
-        if _align((len(cur) + 1) * qrec, b) + w + ww <= limit():
-            cur.append((g, 0, n))
-            w += ww
-            continue
-        if not split or n < 2:
-            return None
-        j = 0
-        while j < n:
-            k = (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words
-            if k < 1:
-                if not cur:
-                    return None
-                close()
-                continue
-            k = min(k, n - j)
-            cur.append((g, j, j + k))
-            w += k * blk_words
-            j += k
-            if j < n:
-                close()
-    return _finish(out, cur, close, rows, nnz, max_chunks)
+    except _TooMany:
+        return None
 
 
 def _finish(out: list[Chunk], cur: list, close, rows: list[int], nnz: list[int],
