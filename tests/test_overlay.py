@@ -14,7 +14,7 @@ import pytest
 from tilewright.hw.config import ConfigError, config_from_dict, load_config
 from tilewright.hw.generate import generate_overlay
 from tilewright.sim.layercases import make_conv, rand_i8
-from tilewright.sim.overlay_model import OverlayModel
+from tilewright.sim.overlay_model import _MAX_ITERATIONS, OverlayModel
 from tilewright.sw.array_compiler import (
     LOCK_WEMPTY,
     RAMP_DOWN,
@@ -270,9 +270,10 @@ def test_model_single_weight_buffer():
     ping/pong) instead of failing."""
     cfg = _cfg("tiny-2x2")
     rng = np.random.default_rng(13)
-    layer = make_conv(rng, 128, 12, (3, 3), 1, (1, 1), False, 0.0, cfg.tile.block)
+    layer = make_conv(rng, 128, 96, (3, 3), 1, (1, 1), False, 0.0, cfg.tile.block)
     x = rand_i8(rng, (128, 8, 8))
     al = compile_conv_array(layer, x, cfg)
+    assert max(len(col) for col in al.jobs[0].chunks) >= 12
     assert all(j0 == 0 for job in al.jobs for col in job.chunks for chk in col
                for _, j0, _ in chk.pieces)
     tiles = [t for t in al.jobs[0].tiles if t.regions]
@@ -280,6 +281,9 @@ def test_model_single_weight_buffer():
     res = OverlayModel(cfg).run_layer(al)
     want = reference_output(layer, x)
     assert np.array_equal(res.output.reshape(-1), want.reshape(-1)), "seed 13"
+    # the timing reached its fixed point (each single-buffered chunk takes an iteration)
+    assert all(j.iterations < _MAX_ITERATIONS for j in res.jobs), \
+        [j.iterations for j in res.jobs]
 
 
 @pytest.mark.parametrize("cfg_name, cin, cout, size", [("aie2-1x1", 256, 64, 4),
