@@ -32,6 +32,7 @@ change.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -495,7 +496,7 @@ class OverlayModel:
 
         def producing(key) -> tuple[float, int]:
             """The DDR pace of the packet channel ``key`` is reading, and that packet."""
-            i = int(np.searchsorted(bounds[key], read[key] + eps, side="right"))
+            i = bisect.bisect_right(bounds[key], read[key] + eps)
             if i >= len(bounds[key]):
                 return 0.0, i
             return pace[key][i], i
