@@ -440,8 +440,8 @@ class OverlayModel:
     def _time_packets(self, chans, dest, avail, step, lat) -> None:
         """Arrival times of every packet, by a fluid simulation of the read side.
 
-        * A read channel reads its packets from DDR in order into its FIFO (``fifo``
-          words, :attr:`~tilewright.hw.config.DdrConfig.read_fifo_words`) as long as the FIFO
+        * A read channel reads its packets from DDR in order into its FIFO
+          (:attr:`~tilewright.hw.config.DdrConfig.read_fifo_words` words) as long as the FIFO
           has room: its first DDR read waits ``lat`` cycles (one task per channel), then a
           word takes ``step`` cycles (padding one).
         * The row buses and the column buses are packet-level round-robin merges of the read
@@ -502,17 +502,15 @@ class OverlayModel:
             return pace[key][i], i
 
         while req or blocked or starting or active:
+            reading = {key: producing(key) for key in chans}
             for fk, f in active.items():
                 level = read[fk[0]] - sent[fk[0]]
-                f["cap"] = 1.0 if level > eps else producing(fk[0])[0]
+                f["cap"] = 1.0 if level > eps else reading[fk[0]][0]
             rates = _fair_rates(active)
-            prod: dict = {}
+            prod: dict = {key: 0.0 for key in chans}
             t_next = float("inf")
-            for key in chans:
-                if now + eps < lat:
-                    prod[key] = 0.0
-                    continue
-                pc, i = producing(key)
+            for key in chans if now + eps >= lat else ():
+                pc, i = reading[key]
                 fk = streaming.get(key)
                 out = rates[fk] if fk is not None else 0.0
                 level = read[key] - sent[key]

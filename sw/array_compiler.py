@@ -572,9 +572,7 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
     out: list[Chunk] = []
     cur: list[tuple[int, int, int]] = []
     w = 0
-    split = split or ramp > 0
     total = sum(nnz) * blk_words + _align(qrec, b) * len(rows)
-
     done = 0                                 # words in the closed chunks
 
     def close() -> None:
@@ -586,11 +584,8 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
             raise _TooMany
 
     def limit() -> int:
-        if not ramp:
-            return cap
         grow = int(out[-1].words * RAMP_GROWTH) if out else ramp
-        left = total - done
-        tail = max(ramp, int(left * RAMP_DOWN)) if down else cap
+        tail = max(ramp, int((total - done) * RAMP_DOWN)) if down else cap
         return max(min(cap, grow, tail), blk_words + _align(qrec, b))
 
     try:
@@ -608,47 +603,40 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
                     j += k
                     if j == n:
                         break
-            return _finish(out, cur, close, rows, nnz, max_chunks)
-        for g, n in zip(rows, nnz, strict=True):
-            ww = n * blk_words
-            if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > limit() or not out):
-                close()
-            if _align((len(cur) + 1) * qrec, b) + w + ww <= limit():
-                cur.append((g, 0, n))
-                w += ww
-                continue
-            if not split or n < 2:
-                return None
-            j = 0
-            while j < n:
-                k = (limit() - _align((len(cur) + 1) * qrec, b) - w) // blk_words
-                if k < 1:
-                    if not cur:
-                        return None
+        else:
+            for g, n in zip(rows, nnz, strict=True):
+                ww = n * blk_words
+                if cur and (_align((len(cur) + 1) * qrec, b) + w + ww > cap or not out):
                     close()
+                if _align((len(cur) + 1) * qrec, b) + w + ww <= cap:
+                    cur.append((g, 0, n))
+                    w += ww
                     continue
-                k = min(k, n - j)
-                cur.append((g, j, j + k))
-                w += k * blk_words
-                j += k
-                if j < n:
-                    close()
-        return _finish(out, cur, close, rows, nnz, max_chunks)
+                if not split or n < 2:
+                    return None
+                j = 0
+                while j < n:
+                    k = (cap - _align((len(cur) + 1) * qrec, b) - w) // blk_words
+                    if k < 1:
+                        if not cur:
+                            return None
+                        close()
+                        continue
+                    k = min(k, n - j)
+                    cur.append((g, j, j + k))
+                    w += k * blk_words
+                    j += k
+                    if j < n:
+                        close()
+        if cur:
+            close()
     except _TooMany:
         return None
-
-
-def _finish(out: list[Chunk], cur: list, close, rows: list[int], nnz: list[int],
-            max_chunks: int) -> list[Chunk] | None:
-    if cur:
-        close()
-    if len(out) > max_chunks:
-        return None
-    done = 0
+    finished = 0
     for chk in out:
-        chk.first = done
+        chk.first = finished
         chk.rows = [g for g, _, j1 in chk.pieces if j1 == nnz[rows.index(g)]]
-        done += len(chk.rows)
+        finished += len(chk.rows)
     return out
 
 
@@ -835,17 +823,12 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     wlines = _weight_lines_all(layer, b)
     qbytes = _qbytes_all(layer, b, t.qrec_words)
     wpk: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}   # (c, bus) -> (k, words)
-    # highest input channel group chunks 0..k of column c use (which activation parts the
-    # core needs before chunk k)
-    upto: dict[int, list[int]] = {}
     # the input channel group of every block column c's cores take, in order, and where each
     # chunk starts in that order (when the cores need what: one block a step)
     seq: dict[int, list[int]] = {c: [] for c in range(C)}
     chunk_at: dict[int, list[int]] = {c: [] for c in range(C)}
     for c in range(C):
         blk = geo.kh * geo.kw * b * b                 # bytes of one block's weight lines
-        hi = -1
-        upto[c] = []
         for k, chk in enumerate(chunks[c]):
             body = [np.concatenate([qbytes[g] for g, _, _ in chk.pieces]).view(np.uint8)]
             pad_q = chk.q_words * b - sum(qbytes[g].size for g, _, _ in chk.pieces)
@@ -860,11 +843,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     (k, np.concatenate([hdr, payload[off:off + n]])))
             chunk_at[c].append(len(seq[c]))
             for g, j0, j1 in chk.pieces:
-                used = np.flatnonzero(mask[g])[j0:j1]
-                seq[c] += used.tolist()
-                if used.size:
-                    hi = max(hi, int(used[-1]))
-            upto[c].append(hi)
+                seq[c] += np.flatnonzero(mask[g])[j0:j1].tolist()
+    # the highest input group the cores of column c have used by each step
+    seen = {c: np.maximum.accumulate(seq[c]) if seq[c] else np.zeros(0, np.int64)
+            for c in range(C)}
 
     # ---- activation slices: tile row r's slice, cut by input channel groups into parts
     # alternating between the two read channels of one column (measured on aie2-4x4: 3 % fewer
@@ -874,9 +856,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # first parts while the rest stream in ----------------------------------------------------
     chans = [(c, ch) for c in range(C) for ch in range(min(2, cfg.ddr.read_channels))]
     per_row = max(1, len(chans) // max(1, len(active_rows)))
-    # (c, ch) -> [(first step that needs it, part, words, [BDs])]; row -> part group ranges
+    # (c, ch) -> [(first step that needs it, part, words, [BDs])]
     act_items: dict[tuple[int, int], list[tuple[int, int, int, list[BufferDescriptor]]]] = {}
-    act_groups: dict[int, list[tuple[int, int]]] = {}
+    part_stage: dict[int, list[int]] = {}         # row -> the stage of each part
+    stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its stage
     aw = t.addr_bits
     for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
@@ -892,10 +875,11 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         plane = rows_in * cols_in
         nparts = min(per_row * n_act_parts, geo.gin)
         groups = [p for p in _split_rows(geo.gin, nparts) if p[1] > p[0]]
-        act_groups[r] = groups
+        st = part_stage[r] = [_act_stage(pi, len(groups)) for pi in range(len(groups))]
+        stage_of[r] = np.repeat(st, [g1 - g0 for g0, g1 in groups])
         for pi, (g0, g1) in enumerate(groups):
             n_words = (g1 - g0) * plane
-            lock = ACT_LOCKS[_act_stage(pi, len(groups))]
+            lock = ACT_LOCKS[st[pi]]
             route = (1 + n_words) | (1 << (rf.row + r))
             write = n_words | (g0 * plane << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
@@ -903,11 +887,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                     (x1 - x0, y1 - y0, g1 - g0), (1, geo.w, geo.h * geo.w),
                                     (pad_l, pad_top, 0), (pad_r, pad_bot, 0))
             # the first step at which a core of any column uses an input group of this part's
-            # stage
-            s0 = min(g for i, (g, _) in enumerate(groups)
-                     if _act_stage(i, len(groups)) == _act_stage(pi, len(groups)))
-            need = min((int(np.searchsorted(np.maximum.accumulate(seq[c]), s0))
-                        for c in range(C) if seq[c]), default=0)
+            # stage (stages are runs of parts: the first part of the stage starts it)
+            s0 = groups[st.index(st[pi])][0]
+            need = min((int(np.searchsorted(seen[c], s0)) for c in range(C) if seq[c]),
+                       default=0)
             key = chans[(ri * per_row + pi % per_row) % len(chans)]
             act_items.setdefault(key, []).append(
                 (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
@@ -933,10 +916,14 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                           for need, pi, n, bds in act_items.get((c, ch), []))
             items: list[tuple[int, object]] = []
             for i, (k, w) in enumerate(wl):
-                now = [a for a in acts if a[0] <= late[i]
-                       or (k >= nbuf and chunk_at[c][k - nbuf + 1] > a[2])]
-                acts = [a for a in acts if a not in now]
-                items += [(1, a[3]) for a in now] + [(0, w)]
+                later = []
+                for a in acts:
+                    if a[0] <= late[i] or (k >= nbuf and chunk_at[c][k - nbuf + 1] > a[2]):
+                        items.append((1, a[3]))
+                    else:
+                        later.append(a)
+                acts = later
+                items.append((0, w))
             items += [(1, a[3]) for a in acts]
             bds: list[BufferDescriptor] = []
             run: list[np.ndarray] = []
@@ -995,12 +982,8 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params)
-            groups = act_groups[r]
-            stage_of = np.zeros(geo.gin, np.int64)   # input channel group -> its stage
-            stages = [0] * len(ACT_LOCKS)            # parts of each stage
-            for pi, (g0, g1) in enumerate(groups):
-                stage_of[g0:g1] = _act_stage(pi, len(groups))
-                stages[_act_stage(pi, len(groups))] += 1
+            stage = stage_of[r]
+            stages = [part_stage[r].count(i) for i in range(len(ACT_LOCKS))]   # parts a stage
             got = 0                                  # stages acquired so far
             # a CONV may stop (HOLD) where its next block needs a stage not acquired yet, and
             # go on (ACC) after the acquire, if the tile's pixel groups fit the accumulators
@@ -1009,7 +992,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
                 if not can_cut:
-                    while got <= stage_of[max(upto[c][k], 0)]:
+                    # the stages of every group chunks 0..k use
+                    end = chunk_at[c][k + 1] if k + 1 < len(chunks[c]) else len(seq[c])
+                    while got <= stage[seen[c][end - 1] if end else 0]:
                         p.acquire(ACT_LOCKS[got], stages[got])
                         got += 1
                 for part in range(nparts):
@@ -1021,7 +1006,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     blocks = np.flatnonzero(mask[g])[j0:j1].tolist()
                     a = 0
                     for e in range(len(blocks) + 1):
-                        if e < len(blocks) and stage_of[blocks[e]] < got:
+                        if e < len(blocks) and stage[blocks[e]] < got:
                             continue
                         if e > a:           # blocks[a:e] need no more stages
                             last = e == len(blocks)
@@ -1030,7 +1015,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                             if not last:    # the CONV's record again for the rest
                                 p.setps(Q_PTR=wbuf[buf] + i * t.qrec_words)
                         if e < len(blocks):
-                            while got <= stage_of[blocks[e]]:
+                            while got <= stage[blocks[e]]:
                                 p.acquire(ACT_LOCKS[got], stages[got])
                                 got += 1
                         a = e
