@@ -28,6 +28,7 @@ from tilewright.sw.tile_compiler import (
     plan_tiles,
     reference_output,
 )
+from tilewright.sw.vision import load_torchvision
 
 __all__ = ["bench_tile", "resnet50_conv"]
 
@@ -39,8 +40,7 @@ SPEED_CYCLES = 200_000
 def resnet50_conv(seed: int = 0) -> tuple[torch.nn.Conv2d, torch.Tensor]:
     """torchvision ResNet50's ``layer1.0.conv2`` (seeded initialisation; pretrained weights
     cannot be downloaded here) and a post-ReLU input activation of its shape (64, 56, 56)."""
-    import torchvision
-
+    torchvision = load_torchvision()
     torch.manual_seed(seed)
     net = torchvision.models.resnet50(weights=None).eval()
     conv = net.get_submodule(LAYER)
@@ -176,8 +176,7 @@ LAYER_SPEED_CYCLES = 100_000
 
 
 def _torchvision_model(model: str, seed: int) -> torch.nn.Module:
-    import torchvision
-
+    torchvision = load_torchvision()
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
     torch.manual_seed(seed)

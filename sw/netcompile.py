@@ -58,6 +58,7 @@ from tilewright.sw.graph import ConvNode, NetGraph, Node, PoolNode, import_model
 from tilewright.sw.ptq import QuantNet, quantize_graph, quantize_graph_from_checkpoint
 from tilewright.sw.quantize import QuantConv, block_mask
 from tilewright.sw.tile_compiler import AddLayer, ConvLayer, PoolLayer
+from tilewright.sw.vision import load_torchvision
 
 __all__ = [
     "NETWORKS",
@@ -111,8 +112,7 @@ def load_model(spec: str, seed: int = 0,
     the module's ``input_shape`` attribute, else ``(3, 224, 224)``).
     """
     if spec in NETWORKS:
-        import torchvision
-
+        torchvision = load_torchvision()
         torch.manual_seed(seed)
         kw: dict[str, Any] = ({"aux_logits": False, "init_weights": True}
                               if spec == "inception_v3" else {})
@@ -124,6 +124,7 @@ def load_model(spec: str, seed: int = 0,
         raise CompileError(f"model must be one of {', '.join(NETWORKS)} or module:factory, "
                            f"not {spec!r}")
     mod_name, _, attr = spec.partition(":")
+    load_torchvision()  # so that the module may import torchvision on a CPU-only torch
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from tilewright.sw import graph as graph_mod
@@ -40,6 +39,7 @@ from tilewright.sw.ptq import (
     scale_groups,
 )
 from tilewright.sw.quantize import QuantConv
+from tilewright.sw.vision import load_torchvision
 
 SEED = 0
 #: Bound on a node's RMS error against its float op, in output LSBs (rounding alone: 0.29).
@@ -639,7 +639,7 @@ TORCHVISION = {
 @pytest.mark.parametrize("name", list(TORCHVISION))
 def test_torchvision_networks(name: str) -> None:
     kw, size, kinds, relus, bound = TORCHVISION[name]
-    model = torchvision.models.get_model(name, weights=None, **kw).eval()
+    model = load_torchvision().models.get_model(name, weights=None, **kw).eval()
     x = torch.randn(1, 3, size, size)
     if bound is None:
         # untrained inception's activations vanish layer after layer (the fc bias then

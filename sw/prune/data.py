@@ -215,8 +215,10 @@ class FolderLoader:
 
     def __init__(self, root: Path, batch_size: int, size: tuple[int, int], train: bool,
                  seed: int = 0, workers: int = 2) -> None:
-        import torchvision
-        from torchvision import transforms as T
+        from ..vision import load_torchvision
+
+        torchvision = load_torchvision()
+        T = torchvision.transforms
 
         norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         if train:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..vision import load_torchvision
+
 __all__ = ["ARCHS", "INPUT_SHAPES", "SmallResNet", "arch_record", "build_model", "fmnist_resnet"]
 
 
@@ -119,7 +121,7 @@ def fmnist_resnet(num_classes: int = 10, in_channels: int = 1,
 
 def _torchvision(name: str, **defaults: Any) -> Callable[..., nn.Module]:
     def build(**kwargs: Any) -> nn.Module:
-        import torchvision
+        torchvision = load_torchvision()
 
         kw = {**defaults, **kwargs}
         kw.setdefault("weights", None)
@@ -169,6 +171,7 @@ def build_model(arch: Mapping[str, Any] | str) -> nn.Module:
         return ARCHS[name](**kwargs)
     if ":" in name:
         mod, _, fn = name.partition(":")
+        load_torchvision()  # so that the module may import torchvision on a CPU-only torch
         try:
             factory = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
@@ -178,8 +181,7 @@ def build_model(arch: Mapping[str, Any] | str) -> nn.Module:
             raise ValueError(f"arch {name!r}: the factory returned a {type(model).__name__}, "
                              f"not an nn.Module")
         return model
-    import torchvision
-
+    torchvision = load_torchvision()
     if name in torchvision.models.list_models():
         return _torchvision(name)(**kwargs)
     raise ValueError(f"arch {name!r} unknown; accepted: {', '.join(ARCHS)}, any "
