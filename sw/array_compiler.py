@@ -29,9 +29,11 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   channel 1), one broadcast packet each, so both of the column's DDR channels stream every
   chunk. Each channel sends its activation parts and weight packets in the order the cores
   need them.
-* **Outputs stream back.** After chunk ``k`` the core releases its output lock and MM2S
-  channel ``k mod 2`` sends one packet per block row (a header with the DDR address, then the
-  tile's rows of that channel group, contiguous in the DDR's channel-group-planar layout).
+* **Outputs stream back.** After the ``k``-th chunk that completes block rows, the core of tile
+  row ``r`` releases its output lock and MM2S channel ``(k + r) mod 2`` sends one packet per
+  block row (a header with the DDR address, then the tile's rows of that channel group,
+  contiguous in the DDR's channel-group-planar layout). Tile rows start on alternate channels,
+  so a column's last outputs, finished by all its tiles at once, leave on both write channels.
 
 When a layer does not fit in one run (input slice + two weight buffers + outputs larger than
 the tile memory, or more chunks than buffer descriptors), it is split into several jobs over
@@ -443,7 +445,11 @@ class _DdrImage:
 
 def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
     """Deal block rows to columns: densest first, each to the least-loaded column (ties: the
-    column with fewer rows, then the lower index); each column's rows in ascending order."""
+    column with fewer rows, then the lower index). Each column takes its rows densest first
+    (ties: ascending): its first block row uses every input channel group, so the whole
+    activation slice must have landed before it ends, and the densest row gives the slice the
+    most compute cycles to arrive in (the eight conv/FC layers of the issue #3 set on aie2-4x4
+    at 50 % block sparsity, on the model: seven faster, 2.96 k cycles fewer in all)."""
     loads = [0] * cols
     counts = [0] * cols
     out: list[list[int]] = [[] for _ in range(cols)]
@@ -454,7 +460,7 @@ def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
         out[c].append(g)
         loads[c] += int(nnz[g]) + 1
         counts[c] += 1
-    return [sorted(rows) for rows in out]
+    return [sorted(rows, key=lambda g: (-int(nnz[g]), g)) for rows in out]
 
 
 def _split_rows(n: int, parts: int) -> list[tuple[int, int]]:
@@ -1025,7 +1031,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 for part in range(nparts):
                     p.release(LOCK_WEMPTY[buf][part])
                 if chk.rows:
-                    p.release(LOCK_OFULL[n_out % 2])
+                    p.release(LOCK_OFULL[(n_out + r) % 2])
                     n_out += 1
             tp.program = p.halt().words
             assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b)
@@ -1043,7 +1049,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 ol = [BufferDescriptor(outb + chk.first * out_cg,
                                        (out_cg, len(chk.rows)), (1, out_cg),
                                        acquire=LockAction(LOCK_OFULL[bus], 1))
-                      for chk in [ck for ck in chunks[c] if ck.rows][bus::2]]
+                      for chk in [ck for ck in chunks[c] if ck.rows][(bus + r) % 2::2]]
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)

@@ -143,6 +143,43 @@ def test_model_balances_columns():
     assert max(loads) - min(loads) <= max(nnz), f"seed 5: column loads {loads}"
 
 
+def test_model_columns_run_densest_block_row_first():
+    """A column's first block row needs its whole activation slice: the densest goes first."""
+    cfg = _cfg("aie2-4x4")
+    rng = np.random.default_rng(6)
+    layer = make_conv(rng, 64, 256, (3, 3), 1, (1, 1), True, 0.5, 8)
+    x = rand_i8(rng, (64, 8, 8))
+    al = compile_conv_array(layer, x, cfg)
+    from tilewright.sw.quantize import block_mask
+    nnz = block_mask(layer.weight, 8).sum(axis=1)
+    for c, rows in enumerate(al.jobs[0].col_rows):
+        got = [int(nnz[g]) for g in rows]
+        assert got == sorted(got, reverse=True), f"seed 6: column {c} runs {got}"
+    res = OverlayModel(cfg).run_layer(al)
+    assert np.array_equal(res.output, reference_output(layer, x)), "seed 6"
+
+
+def test_model_last_outputs_leave_on_both_write_channels():
+    """The four tiles of a column finish their last block row together; tile rows start their
+    outputs on alternate MM2S channels, so those last packets drain through both of the
+    column's DDR write channels: at most half the tiles' packets a channel after the cores
+    stop (through one channel it took 423 cycles here, twice as long)."""
+    cfg = _cfg("aie2-4x4")
+    rng = np.random.default_rng(7)
+    layer = make_conv(rng, 64, 128, (3, 3), 1, (1, 1), True, 0.0, 8)
+    x = rand_i8(rng, (64, 14, 14))
+    al = compile_conv_array(layer, x, cfg)
+    res = OverlayModel(cfg).run_layer(al)
+    assert np.array_equal(res.output, reference_output(layer, x)), "seed 7"
+    job = res.jobs[-1]
+    assert len(set(job.tile_cycles.values())) == 1      # every core stops at the same cycle
+    # a tile's last block row: 7x7 pixels, a header per output row, 2 cycles a word
+    packet_words = 7 * 7 + 7
+    step = cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle
+    drain = job.cycles - max(job.tile_cycles.values())
+    assert drain <= cfg.array.rows // 2 * packet_words * step, f"seed 7: drain {drain}"
+
+
 def test_unrunnable_layer_names_capacity():
     cfg = _cfg("tiny-2x2")
     rng = np.random.default_rng(2)
