@@ -312,6 +312,17 @@ class _TileEnv:
                                 f"it")
         return int(np.ceil(t))
 
+    def final_locks(self, locks: list[int], mem: np.ndarray) -> list[int]:
+        """The lock values once every packet still on its way has landed (the core has
+        halted; what the channels release then stays for the next job)."""
+        locks = list(locks)
+        while any(self._s2mm_step(ch, locks, mem, 0) is not None for ch in range(N_S2MM)):
+            pass
+        for lock, toks in self.pending.items():
+            locks[lock] = min(locks[lock] + sum(v for _, v in toks), 63)
+        self.pending = {}
+        return locks
+
     def release(self, lock: int, value: int, cycle: int, locks: list[int],
                 mem: np.ndarray) -> None:
         self.lock_free[lock] = cycle
@@ -384,6 +395,7 @@ class OverlayModel:
         prev = None
         envs: dict = {}
         runs: dict = {}
+        mems: dict = {}
         n_iter = 0
         for it in range(1, _MAX_ITERATIONS + 1):
             n_iter = it
@@ -403,6 +415,7 @@ class OverlayModel:
                     locks[i] = v
                 runs[key] = self.tile_model.run(tp.program, mem, locks=locks, lock_hook=env)
                 envs[key] = env
+                mems[key] = mem
             if avail_new == prev:
                 break
             prev = avail = avail_new
@@ -433,6 +446,15 @@ class OverlayModel:
             if run.error is not ErrorCode.NONE:
                 raise RuntimeError(f"tile {key} stopped with error {run.error!r} at pc "
                                    f"{run.error_pc}")
+        # a job leaves every lock as its configuration set it: the next job's configuration
+        # sets only the locks it starts from, so a leftover count would grant an early ACQ
+        for tp in job.tiles:
+            key = (tp.r, tp.c)
+            final = envs[key].final_locks(runs[key].locks, mems[key])
+            for i, v in enumerate(final):
+                if v != tp.locks.get(i, 0):
+                    raise RuntimeError(f"tile {key} ends the job with lock {i} at {v}, not at "
+                                       f"its initial {tp.locks.get(i, 0)}")
         res = JobResult(int(np.ceil(end)), rd_words, wr_words,
                         {k: int(r.cycles) for k, r in runs.items()}, n_iter)
         return ddr, res

@@ -16,10 +16,11 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   groups); its input slice (the rectangle's input plus the halo, padded, every input channel
   group) is read from DDR once, padded on the fly by the shim's descriptors, and broadcast
   along the tile row (row bus ``r``) to the tiles of every column. The slice is cut by input
-  channel groups into parts alternating between the two read channels of one column; each
-  part's header carries its tile-memory address and the lock of its stage
-  (:data:`ACT_LOCKS`), which the tile unit's activation writer releases when it has landed,
-  so that the core starts on the first parts while the others stream in.
+  channel groups into parts growing geometrically from one group, alternating between the two
+  read channels of one column; each part's header carries its tile-memory address and the
+  counting lock of its channel slot (:data:`ACT_LOCKS`), which the tile unit's activation
+  writer releases when it has landed, so that the core starts on the first (small) part while
+  the others stream in, and acquires each part just before its first block.
 * **Weights stream down the columns.** A column's block rows are cut into chunks (several
   block rows: their requantisation records and non-zero weight lines, compacted -- a zero
   block never crosses DDR or a port). Chunk ``k`` goes into weight buffer ``k mod 2`` of
@@ -82,9 +83,9 @@ LOCK_IN = 0
 LOCK_WFULL = ((1, 2), (3, 4))
 LOCK_WEMPTY = ((5, 6), (7, 8))
 LOCK_OFULL = (9, 10)
-#: An activation slice's parts in stages (:func:`_act_stage`): each part releases its stage's
-#: lock, which the core acquires before the first chunk that uses an input channel group of
-#: that stage.
+#: The locks of a tile row's activation parts: part ``i`` comes on the row's channel slot
+#: ``i % slots`` and releases that slot's lock; as a slot's parts land in order, the lock
+#: counts them, and the core acquires each part just before its first block needs it.
 ACT_LOCKS = (LOCK_IN, 11, 12, 13, 14, 15)
 #: Tile DMA channel numbers (``bd_ch``): S2MM 1/2 the weight buses, then MM2S (channel 0,
 #: the activation writer, takes no BDs).
@@ -101,6 +102,13 @@ RAMP_WORDS = 256
 RAMP_GROWTH = 1.6
 #: With the shrinking end, a chunk holds at most this share of the words left.
 RAMP_DOWN = 0.6
+#: A chunk's weights come in two halves (one per column bus); where the core may cut a CONV,
+#: it starts on the blocks of the first half and acquires the second just before its first
+#: block.  The second half's packet is then due later, by this share of the first half's
+#: blocks (so that the activation parts in front of it on a channel go first).  Measured on
+#: resnet50 layer3.1.conv2, aie2-4x4: 0.45 keeps dense cycles at 35 061 and 50 % at 19 333;
+#: 0 costs dense 284 cycles, 1 costs 50 % 336 (docs/results.md).
+W_HALF_SLACK = 0.45
 #: What the chunker tries, in order (buffers, pieces, first chunk in RAMP_WORDS, shrinking at
 #: the end): two weight buffers (ping/pong) with small chunks at both ends, at the start only,
 #: whole block rows; then block rows in pieces; then one buffer (the next chunk then streams
@@ -121,13 +129,6 @@ def _encode(bd: BufferDescriptor) -> int:
     """``bd.encode()``, cached: Amaranth's layout encoder takes ~1 ms a BD, and the tiles of a
     column (and the runs of a layer) repeat theirs."""
     return bd.encode()
-
-
-def _act_stage(p: int, n: int) -> int:
-    """The stage of part ``p`` of ``n``: one part a stage while there are locks, then the
-    later stages take more (earlier parts are needed first, so their stages are smaller)."""
-    k = len(ACT_LOCKS)
-    return p if n <= k else k - 1 - (n - 1 - p) * k // n
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -161,6 +162,7 @@ class Chunk:
     first: int                   # index (among the column's job rows) of the first row that
     #                              completes in this chunk
     rows: list[int] = field(default_factory=list)   # the block rows completed in this chunk
+    blk_words: int = 0           # words of one block's weight lines (0: unknown)
 
     @property
     def words(self) -> int:
@@ -168,11 +170,23 @@ class Chunk:
 
     def parts(self, b: int) -> list[tuple[int, int]]:
         """``(offset, words)`` of the chunk's part on column bus 0 and, if any, bus 1: the
-        first and second half, split at a weight line."""
+        first and second half, split at the block boundary nearest the middle (at a weight
+        line if the block size is not known), so that a core may start on the blocks of the
+        first half before the second has landed."""
         half = _align(self.words // 2, b)
+        if self.blk_words and self.w_words >= 2 * self.blk_words:
+            nblk = self.w_words // self.blk_words
+            m = min(max(1, round((self.words / 2 - self.q_words) / self.blk_words)), nblk - 1)
+            half = self.q_words + m * self.blk_words
         if half == 0 or half >= self.words:
             return [(0, self.words)]
         return [(0, half), (half, self.words - half)]
+
+    def blocks_in_first_part(self, b: int) -> int:
+        """Blocks whose weight lines lie wholly in :meth:`parts` ``[0]``."""
+        if not self.blk_words:
+            return 0
+        return max(0, (self.parts(b)[0][1] - self.q_words) // self.blk_words)
 
 
 @dataclass
@@ -473,6 +487,41 @@ def _split_rows(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def _ramp_split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in ``parts`` contiguous ranges growing geometrically from one."""
+    if n <= parts:
+        return [(i, i + 1) for i in range(n)]
+    if parts == 1:
+        return [(0, n)]
+    lo, hi = 1.0 + 1e-9, 16.0
+    for _ in range(60):
+        g = (lo + hi) / 2
+        if (g ** parts - 1) / (g - 1) > n:
+            hi = g
+        else:
+            lo = g
+    g = lo
+    out, a = [], 0
+    acc = 0.0
+    for i in range(parts):
+        acc += g ** i
+        z = n if i == parts - 1 else min(max(a + 1, round(acc)), n - (parts - 1 - i))
+        out.append((a, z))
+        a = z
+    return out
+
+
+def _take_parts(p: Program, slots: list[int], got: int, upto: int) -> int:
+    """Acquire activation parts ``got..upto`` (``slots[i]``: part ``i``'s channel slot) in
+    ``p``: a slot's parts land in order, so its lock counts them. Returns the parts acquired."""
+    cnt: dict[int, int] = {}
+    for q in range(got, upto + 1):
+        cnt[slots[q]] = cnt.get(slots[q], 0) + 1
+    for sl in sorted(cnt):
+        p.acquire(ACT_LOCKS[sl], cnt[sl])
+    return max(got, upto + 1)
+
+
 def _linear_bds(base: int, words: int, **kw) -> list[BufferDescriptor]:
     """BDs covering ``words`` consecutive words from ``base`` (chained by the caller)."""
     out = []
@@ -583,7 +632,7 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
 
     def close() -> None:
         nonlocal cur, w, done
-        out.append(Chunk(cur, _align(len(cur) * qrec, b), w, 0))
+        out.append(Chunk(cur, _align(len(cur) * qrec, b), w, 0, blk_words=blk_words))
         done += out[-1].words
         cur, w = [], 0
         if len(out) > max_chunks:
@@ -749,13 +798,15 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                       img.base, img.regions())
 
 
-def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int) -> int:
-    """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it)."""
+def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
+                   act_parts: int = 2 * ACT_PARTS_PER_CHANNEL) -> int:
+    """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it) whose input
+    slice comes in ``act_parts`` parts."""
     # SETPs, HALT, the input's ACQs and the CONVs they cut (HOLD, SETP, ACC: 4 words more)
-    n = 11 + 1 + 5 * len(ACT_LOCKS)
+    n = 11 + 1 + 5 * act_parts
     for chk in chunks:
         parts = len(chk.parts(b))
-        n += 2 * parts + 3 + 1                      # ACQ/REL per part, 3 SETPs, fence
+        n += 2 * parts + 3 + 1 + 4 * (parts - 1)    # ACQ/REL per part, 3 SETPs, fence, a cut
         n += 1 if chk.rows else 0                   # REL of the output buffer
         n += sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
     return n
@@ -857,15 +908,17 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # ---- activation slices: tile row r's slice, cut by input channel groups into parts
     # alternating between the two read channels of one column (measured on aie2-4x4: 3 % fewer
     # cycles than spreading them over channel 0 of two columns, and every tile equally fast).
-    # Each part's header carries its tile-memory address and the lock of its stage
-    # (ACT_LOCKS[stage]), so the parts may arrive in any order and the cores start on the
-    # first parts while the rest stream in ----------------------------------------------------
+    # The parts grow geometrically from one input channel group, so that the cores start
+    # early. Each part's header carries its tile-memory address and the lock of its channel
+    # slot (ACT_LOCKS[part % slots]): a slot's parts land in order, so its lock counts them,
+    # and a core acquires each part just before the first block that reads it -------------
     chans = [(c, ch) for c in range(C) for ch in range(min(2, cfg.ddr.read_channels))]
     per_row = max(1, len(chans) // max(1, len(active_rows)))
+    n_slots = min(per_row, len(ACT_LOCKS))
     # (c, ch) -> [(first step that needs it, part, words, [BDs])]
     act_items: dict[tuple[int, int], list[tuple[int, int, int, list[BufferDescriptor]]]] = {}
-    part_stage: dict[int, list[int]] = {}         # row -> the stage of each part
-    stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its stage
+    part_stage: dict[int, list[int]] = {}         # row -> the channel slot of each part
+    stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its part
     aw = t.addr_bits
     for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
@@ -880,30 +933,30 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input pixel")
         plane = rows_in * cols_in
         nparts = min(per_row * n_act_parts, geo.gin)
-        groups = [p for p in _split_rows(geo.gin, nparts) if p[1] > p[0]]
-        st = part_stage[r] = [_act_stage(pi, len(groups)) for pi in range(len(groups))]
-        stage_of[r] = np.repeat(st, [g1 - g0 for g0, g1 in groups])
+        groups = _ramp_split(geo.gin, nparts)
+        part_stage[r] = [pi % n_slots for pi in range(len(groups))]
+        stage_of[r] = np.repeat(np.arange(len(groups)), [g1 - g0 for g0, g1 in groups])
         for pi, (g0, g1) in enumerate(groups):
             n_words = (g1 - g0) * plane
-            lock = ACT_LOCKS[st[pi]]
+            lock = ACT_LOCKS[pi % n_slots]
             route = (1 + n_words) | (1 << (rf.row + r))
             write = n_words | (g0 * plane << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
             part = BufferDescriptor(in_base + g0 * geo.h * geo.w + y0 * geo.w + x0,
                                     (x1 - x0, y1 - y0, g1 - g0), (1, geo.w, geo.h * geo.w),
                                     (pad_l, pad_top, 0), (pad_r, pad_bot, 0))
-            # the first step at which a core of any column uses an input group of this part's
-            # stage (stages are runs of parts: the first part of the stage starts it)
-            s0 = groups[st.index(st[pi])][0]
-            need = min((int(np.searchsorted(seen[c], s0)) for c in range(C) if seq[c]),
+            # the first step at which a core of any column uses an input group of this part
+            need = min((int(np.searchsorted(seen[c], g0)) for c in range(C) if seq[c]),
                        default=0)
-            key = chans[(ri * per_row + pi % per_row) % len(chans)]
+            key = chans[(ri * per_row + pi % n_slots) % len(chans)]
             act_items.setdefault(key, []).append(
                 (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
 
     step = geo.kh * geo.kw * max((h1 - h0) * _cdiv(w1 - w0, t.pixels)
                                  for h0, h1, w0, w1 in row_ranges)
-    rate = cfg.ddr.bytes_per_cycle / t.word_bytes
+    # whether the cores cut CONVs (all tiles' pixel groups fit the accumulators; see below)
+    cuts = max((h1 - h0) * _cdiv(w1 - w0, t.pixels)
+               for h0, h1, w0, w1 in row_ranges) <= t.acc_depth
     # ---- each read channel streams its activation parts and weight packets in the order
     # the cores need them; consecutive weight packets are one DDR run ------------------------
     for c in range(C):
@@ -912,13 +965,14 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             # the cores need it (a block takes `step` cycles) less its time on the channel
             # (a bus's weight packets stay in chunk order: the tiles' BDs take them so)
             wl = wpk.get((c, ch), [])
-            late = [chunk_at[c][k] * step - w.size / rate for k, w in wl]
+            late = [(chunk_at[c][k] + (W_HALF_SLACK * chunks[c][k].blocks_in_first_part(b)
+                                       if ch == 1 and cuts else 0)) * step for k, w in wl]
             for i in range(len(late) - 2, -1, -1):
                 late[i] = min(late[i], late[i + 1])
             # ... and an activation part never waits behind the packet of a chunk whose buffer
             # the cores free only after a chunk that needs the part (no deadlock)
             nbuf = layout[c][3]
-            acts = sorted((need * step - n / rate, pi, need, bds)
+            acts = sorted((need * step, pi, need, bds)
                           for need, pi, n, bds in act_items.get((c, ch), []))
             items: list[tuple[int, object]] = []
             for i, (k, w) in enumerate(wl):
@@ -955,7 +1009,12 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             h0, h1, w0, w1 = row_ranges[r]
             rows = col_rows[c]
             if h1 == h0 or w1 == w0 or not rows:
-                tp.program = Program().halt().words
+                # an idle tile of an active row still takes the row's activation parts, so
+                # that its locks end the job as they started
+                p = Program()
+                if r in part_stage:
+                    _take_parts(p, part_stage[r], 0, len(part_stage[r]) - 1)
+                tp.program = p.halt().words
                 tiles.append(tp)
                 continue
             nrows, ncols = h1 - h0, w1 - w0
@@ -988,53 +1047,67 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params)
-            stage = stage_of[r]
-            stages = [part_stage[r].count(i) for i in range(len(ACT_LOCKS))]   # parts a stage
-            got = 0                                  # stages acquired so far
-            # a CONV may stop (HOLD) where its next block needs a stage not acquired yet, and
+            stage = stage_of[r]                      # input group -> its part
+            slots = part_stage[r]                    # part -> its channel slot (lock)
+            got = 0                                  # parts acquired so far (in order)
+            # a CONV may stop (HOLD) where its next block needs a part not acquired yet, and
             # go on (ACC) after the acquire, if the tile's pixel groups fit the accumulators
             can_cut = nrows * _cdiv(ncols, t.pixels) <= t.acc_depth
             n_out = 0                                # chunks that completed rows so far
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
                 if not can_cut:
-                    # the stages of every group chunks 0..k use
+                    # the parts of every group chunks 0..k use
                     end = chunk_at[c][k + 1] if k + 1 < len(chunks[c]) else len(seq[c])
-                    while got <= stage[seen[c][end - 1] if end else 0]:
-                        p.acquire(ACT_LOCKS[got], stages[got])
-                        got += 1
-                for part in range(nparts):
+                    got = _take_parts(p, slots, got, int(stage[seen[c][end - 1] if end else 0]))
+                # with cuts, the core starts on the blocks of the chunk's first part and
+                # acquires the second part just before its first block
+                wgot = 1 if can_cut else nparts
+                hb = chk.blocks_in_first_part(b) if wgot < nparts else 0
+                for part in range(wgot):
                     p.acquire(LOCK_WFULL[buf][part])
                 p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
                         OUT_BASE=outb + chk.first * out_cg + 1)
+                bi = 0                                   # blocks of the chunk before piece i
                 for i, (g, j0, j1) in enumerate(chk.pieces):
                     n = int(mask[g].sum())
                     blocks = np.flatnonzero(mask[g])[j0:j1].tolist()
                     a = 0
                     for e in range(len(blocks) + 1):
-                        if e < len(blocks) and stage[blocks[e]] < got:
+                        need_w = e < len(blocks) and wgot < nparts and bi + e >= hb
+                        if e < len(blocks) and stage[blocks[e]] < got and not need_w:
                             continue
-                        if e > a:           # blocks[a:e] need no more stages
+                        if e > a:           # blocks[a:e] need no more parts
                             last = e == len(blocks)
                             p.conv(blocks[a:e], relu=layer.relu,
                                    hold=not last or j1 < n, acc=a > 0 or j0 > 0)
                             if not last:    # the CONV's record again for the rest
                                 p.setps(Q_PTR=wbuf[buf] + i * t.qrec_words)
+                        if need_w:
+                            while wgot < nparts:
+                                p.acquire(LOCK_WFULL[buf][wgot])
+                                wgot += 1
                         if e < len(blocks):
-                            while got <= stage[blocks[e]]:
-                                p.acquire(ACT_LOCKS[got], stages[got])
-                                got += 1
+                            got = _take_parts(p, slots, got, int(stage[blocks[e]]))
                         a = e
                     if not blocks:
                         p.conv([], relu=layer.relu, hold=False, acc=False)
+                    bi += len(blocks)
+                while wgot < nparts:
+                    p.acquire(LOCK_WFULL[buf][wgot])
+                    wgot += 1
                 p.nop(fence=True)
                 for part in range(nparts):
                     p.release(LOCK_WEMPTY[buf][part])
                 if chk.rows:
                     p.release(LOCK_OFULL[(n_out + r) % 2])
                     n_out += 1
+            # every part, needed or not: a job leaves each lock as it found it (the next job's
+            # configuration sets only the locks it starts from)
+            got = _take_parts(p, slots, got, len(slots) - 1)
             tp.program = p.halt().words
-            assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b)
+            assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b,
+                                                     len(slots))
             if len(tp.program) > t.pmem_words:
                 raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "
