@@ -563,8 +563,13 @@ class ComputeTile(wiring.Component):
         out_words = []
         acc_src = Mux(dsel.zero, 0, wb_rd.data)
         shift = dsel.shift
-        half = (Const(1, 64) << shift) >> 1
-        lo = Mux(dsel.relu, 0, -128)
+        # requantisation, y = sat8(round((acc + bias) * mult / 2**shift)) rounding half away
+        # from zero, in sign and magnitude: |acc + bias| and |mult| fit 32 bits, so every value
+        # below fits 64 bits and Verilator evaluates native words, not wide vectors (with a
+        # 65-bit signed result and a 127-bit rounding constant, the 512 lanes of aie2-4x4 were
+        # most of its per-cycle cost)
+        half = Signal(62)                                  # 2**(shift - 1), 0 for shift 0
+        m.d.comb += half.eq((Const(1, 63) << shift)[1:63])
         for p in range(P):
             ys = []
             for i in range(B):
@@ -572,21 +577,23 @@ class ComputeTile(wiring.Component):
                 mult = dsel.q.word_select(B + i, 32).as_signed()
                 v = Signal(signed(32), name=f"wb_v_{p}_{i}")
                 m.d.comb += v.eq(acc_src.word_select(p * B + i, 32).as_signed() + bias)
-                prod = Signal(signed(64), name=f"wb_p_{p}_{i}")
-                m.d.comb += prod.eq(v * mult)
-                mag = Signal(64, name=f"wb_m_{p}_{i}")
-                m.d.comb += mag.eq(Mux(prod < 0, -prod, prod))
-                r = Signal(64, name=f"wb_r_{p}_{i}")
+                va = Signal(32, name=f"wb_a_{p}_{i}")
+                ma = Signal(32, name=f"wb_b_{p}_{i}")
+                m.d.comb += [va.eq(Mux(v[31], -v, v)), ma.eq(Mux(mult[31], -mult, mult))]
+                neg = v[31] ^ mult[31]           # a zero product rounds to 0 either way
+                mag = Signal(63, name=f"wb_m_{p}_{i}")          # at most 2**62
+                m.d.comb += mag.eq(va * ma)
+                r = Signal(63, name=f"wb_r_{p}_{i}")
                 m.d.comb += r.eq((mag + half) >> shift)
-                y = Signal(signed(65), name=f"wb_y_{p}_{i}")
-                m.d.comb += y.eq(Mux(prod < 0, -r, r))
                 yc = Signal(8, name=f"wb_c_{p}_{i}")
-                with m.If(y > 127):
-                    m.d.comb += yc.eq(127)
-                with m.Elif(y < lo):
-                    m.d.comb += yc.eq(lo)
+                with m.If(~neg):
+                    m.d.comb += yc.eq(Mux(r > 127, 127, r[:8]))
+                with m.Elif(dsel.relu):
+                    m.d.comb += yc.eq(0)
+                with m.Elif(r > 128):
+                    m.d.comb += yc.eq(0x80)
                 with m.Else():
-                    m.d.comb += yc.eq(y[:8])
+                    m.d.comb += yc.eq(-r[:8])
                 ys.append(yc)
             out_words.append(Cat(*ys))
         wb_addr = [Signal(AW, name=f"wb_addr{p}") for p in range(P)]
