@@ -217,14 +217,19 @@ class Instr:
             return None
 
 
+#: (offset, mask) of every instruction field, from :data:`INSTR_LAYOUT` (looked up once: the
+#: assembler encodes hundreds of thousands of words per network).
+_FIELDS = {name: (f.offset, (1 << f.width) - 1) for name, f in INSTR_LAYOUT}
+
+
 def _field_value(name: str, v: int) -> int:
-    f = INSTR_LAYOUT[name]
-    return (v & ((1 << f.width) - 1)) << f.offset
+    off, mask = _FIELDS[name]
+    return (v & mask) << off
 
 
 def _field_get(name: str, word: int) -> int:
-    f = INSTR_LAYOUT[name]
-    return (word >> f.offset) & ((1 << f.width) - 1)
+    off, mask = _FIELDS[name]
+    return (word >> off) & mask
 
 
 def encode_index_word(entries: list[int]) -> int:

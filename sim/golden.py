@@ -132,6 +132,7 @@ class TileModel:
         self.tile = tile
         self.check_hazards = check_hazards
         self.timing_only = timing_only
+        self._ranges = {p: param_range(p, tile) for p in Param}
 
     # ------------------------------------------------------------------------------------
     def run(self, program: list[int], dmem: np.ndarray, *,
@@ -189,7 +190,7 @@ class TileModel:
                                           or (op is Opcode.ENDLOOP and not loops)):
                 err = ErrorCode.LOOP_NESTING
             if (err is ErrorCode.NONE and op is Opcode.SETP
-                    and not param_range(prm, t).accepts(ins.imm)):
+                    and not self._ranges[prm].accepts(ins.imm)):
                 err = ErrorCode.BAD_VALUE
             if err is not ErrorCode.NONE:
                 res.error, res.error_pc, res.cycles = err, pc, decode + 1
@@ -244,7 +245,9 @@ class TileModel:
             if fence:
                 pending = []
             idx: list[int] = []
-            if op is Opcode.CONV:
+            if op is Opcode.CONV and self.timing_only:
+                idx = [0] * ins.b                 # only their number times the op
+            elif op is Opcode.CONV:
                 for k in range(nidx):
                     idx += decode_index_word(pm[pc + 1 + k])
                 idx = idx[:ins.b]
