@@ -119,6 +119,23 @@ def test_random_programs_run_clean(op, tile):
         assert res.ok, f"{c.name}: {res.error}"
 
 
+@pytest.mark.parametrize("op", OP_KINDS)
+@pytest.mark.parametrize("tile", [REF, TINY], ids=["aie2", "tiny"])
+def test_timing_only_counts_the_same_cycles(op, tile):
+    """The estimator's timing-only runs (no op computed, no block index decoded) time every
+    op exactly like a full run."""
+    for seed in range(5):
+        for sparsity in (0.0, 0.5, 0.9):
+            c = random_case(tile, seed, op, sparsity)
+            full = TileModel(tile).run(c.program, c.dmem)
+            fast = TileModel(tile, timing_only=True).run(c.program, c.dmem)
+            assert full.ok and fast.ok, f"{c.name} (seed {seed}, sparsity {sparsity})"
+            assert (fast.cycles, fast.instructions, fast.mac_cycles) == \
+                (full.cycles, full.instructions, full.mac_cycles), f"{c.name} seed {seed}"
+            assert [(o.pc, o.issue_start, o.issue_end) for o in fast.ops] == \
+                [(o.pc, o.issue_start, o.issue_end) for o in full.ops], f"{c.name} seed {seed}"
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hold_acc_pieces_equal_the_whole_row(seed):
     """A block row of 4 blocks as CONV .hold [0,1] + CONV .acc .hold [2] + CONV .acc [3]
