@@ -761,10 +761,12 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
             plan = _try_plan(geo, col_rows_all, w_words_row, nnz_row, n_rsplit, n_gsplit, R, t,
                              qrec)
             if plan is not None:
-                cost += len(plan) * RUN_COST_WORDS
+                lost = _overlap_loss_words(plan, geo, cfg)
+                cost += len(plan) * RUN_COST_WORDS + lost
                 if best is None or cost < best[0]:
                     best = (cost, plan)
-                break
+                if not lost:
+                    break
     if best is None:
         biggest = max(w_words_row) + _align(qrec, b)
         raise ValueError(
@@ -810,6 +812,47 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
         n += 1 if chk.rows else 0                   # REL of the output buffer
         n += sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
     return n
+
+
+def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
+    """What ``plan`` loses to transfers the cores cannot overlap, in DDR words of the array.
+
+    * With one weight buffer a chunk streams in only after the core is done with the one
+      before, so every chunk costs its compute and its transfer one after the other instead
+      of the larger of the two: the smaller of the two is lost, summed over the column's
+      chunks.
+    * Where a tile's pixel groups do not fit the accumulators the core cannot cut its CONVs
+      at the activation parts, so it computes only once its whole input slice has landed:
+      the smaller of the slice's transfer and the column's compute is lost.
+
+    The slowest column of each run counts; the cycles are charged as the words the array's
+    read channels would move in them, so that more runs (double-buffered, or with fewer pixel
+    groups a tile) are taken where they cost less. ResNet50 on aie2-4x4: layer4.1.conv2 in
+    two double-buffered runs instead of one single-buffered, the 1x1 layers on 56x56 in
+    seven runs of 8 output rows instead of four of 14."""
+    t = cfg.tile
+    nr = cfg.ddr.read_channels
+    step = max(1, t.word_bytes // cfg.ddr.bytes_per_cycle)
+    rate = cfg.array.cols * nr / step            # DDR words per cycle, all channels
+    taps = geo.kh * geo.kw
+    total = 0
+    for tile_ranges, _col_rows, chunks, layout in plan:
+        groups = max((h1 - h0) * _cdiv(w1 - w0, t.pixels) for h0, h1, w0, w1 in tile_ranges)
+        worst = 0
+        for col_chunks, lay in zip(chunks, layout, strict=True):
+            computes = [sum(j1 - j0 for _, j0, j1 in chk.pieces) * taps * groups
+                        for chk in col_chunks]
+            lost = 0
+            if lay[3] == 1:
+                for chk, compute in zip(col_chunks, computes, strict=True):
+                    lost += min(compute, _cdiv(chk.words, min(2, nr)) * step)
+            if groups > t.acc_depth and col_chunks:
+                in_w = lay[1]
+                arrive = max(len(tile_ranges) * in_w / rate, in_w)
+                lost += int(min(arrive, sum(computes)))
+            worst = max(worst, lost)
+        total += worst
+    return int(total * rate)
 
 
 def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[int],
@@ -1331,9 +1374,11 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
                 tp.bds.setdefault(CH_W[bus], []).append(BufferDescriptor(
                     inb[k] + (y0 - a0) * cols_in + (x0 - b0), interior, (1, cols_in, plane),
                     release=LockAction(LOCK_WFULL[0][k], 1)))
+            # tile row r's outputs leave on MM2S r mod 2: both write channels of the column
+            o = r % 2
+            tp.bds[CH_OUT[o]] = [BufferDescriptor(outb, (out_cg, ng), (1, out_cg),
+                                                  acquire=LockAction(LOCK_OFULL[o], 1))]
             tp.bds = {ch: _chain(bds) for ch, bds in tp.bds.items()}
-            tp.bds[CH_OUT[0]] = [BufferDescriptor(outb, (out_cg, ng), (1, out_cg),
-                                                  acquire=LockAction(LOCK_OFULL[0], 1))]
             params = {"IN_BASE": inb[0], "IN_ROW": cols_in, "IN_CG": plane,
                       "OUT_BASE": outb + 1, "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows,
                       "WO": ncols, "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "Q_PTR": 0,
@@ -1346,13 +1391,13 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params)
-            for k in range(nops):
-                p.acquire(LOCK_WFULL[0][k])
             relu = bool(getattr(layer, "relu", False))
             emit = p.add if is_add else {"max": p.maxpool, "avg": p.avgpool}[layer.kind]
+            for k in range(nops):
+                p.acquire(LOCK_WFULL[0][k])
             for j in range(ng):
                 emit(j, relu=relu)
-            p.nop(fence=True).release(LOCK_OFULL[0])
+            p.nop(fence=True).release(LOCK_OFULL[o])
             tp.program = p.halt().words
             tp.regions = {"q": (0, q_words), "in": (inb[0], nops * ng * plane),
                           "out": (outb, ng * out_cg)}

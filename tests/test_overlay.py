@@ -15,6 +15,7 @@ from tilewright.hw.config import ConfigError, config_from_dict, load_config
 from tilewright.hw.generate import generate_overlay
 from tilewright.sim.layercases import make_conv, rand_i8
 from tilewright.sim.overlay_model import _MAX_ITERATIONS, OverlayModel
+from tilewright.sw import array_compiler
 from tilewright.sw.array_compiler import (
     LOCK_WEMPTY,
     RAMP_DOWN,
@@ -301,26 +302,37 @@ def test_overlay_watchdog_reports_lock_wait():
     assert "core waits on lock" in str(e.value)
 
 
-def test_model_single_weight_buffer():
+def test_model_single_weight_buffer(monkeypatch):
     """A block row larger than half the free tile memory, on tiles with more pixel groups than
     one accumulator chunk (so no HOLD/ACC pieces), streams through one weight buffer (no
-    ping/pong) instead of failing."""
+    ping/pong) instead of failing; and the run splitter prefers runs that need no single
+    buffer where they take fewer cycles."""
     cfg = _cfg("tiny-2x2")
     rng = np.random.default_rng(13)
     layer = make_conv(rng, 128, 96, (3, 3), 1, (1, 1), False, 0.0, cfg.tile.block)
     x = rand_i8(rng, (128, 8, 8))
+    want = reference_output(layer, x)
+    split = compile_conv_array(layer, x, cfg)
+    ping_pong = [t.regions["wbuf0"][0] != t.regions["wbuf1"][0]
+                 for job in split.jobs for t in job.tiles if t.regions]
+    assert ping_pong and all(ping_pong)
+    fast = OverlayModel(cfg).run_layer(split)
+    assert np.array_equal(fast.output.reshape(-1), want.reshape(-1)), "seed 13"
+    # without the splitter's charge for lost overlap: one run through one buffer
+    monkeypatch.setattr(array_compiler, "_overlap_loss_words", lambda *a: 0)
     al = compile_conv_array(layer, x, cfg)
+    assert len(al.jobs) < len(split.jobs)
     assert max(len(col) for col in al.jobs[0].chunks) >= 12
     assert all(j0 == 0 for job in al.jobs for col in job.chunks for chk in col
                for _, j0, _ in chk.pieces)
     tiles = [t for t in al.jobs[0].tiles if t.regions]
     assert tiles and all(t.regions["wbuf0"][0] == t.regions["wbuf1"][0] for t in tiles)
     res = OverlayModel(cfg).run_layer(al)
-    want = reference_output(layer, x)
     assert np.array_equal(res.output.reshape(-1), want.reshape(-1)), "seed 13"
     # the timing reached its fixed point (each single-buffered chunk takes an iteration)
     assert all(j.iterations < _MAX_ITERATIONS for j in res.jobs), \
         [j.iterations for j in res.jobs]
+    assert fast.cycles < res.cycles, (fast.cycles, res.cycles)
 
 
 @pytest.mark.parametrize("cfg_name, cin, cout, size", [("aie2-1x1", 256, 64, 4),
