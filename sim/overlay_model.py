@@ -339,6 +339,10 @@ class OverlayModel:
             raise TypeError(f"cfg must be an OverlayConfig, not {cfg!r}")
         self.cfg = cfg
         self.tile_model = TileModel(cfg.tile)
+        # a job's timing iterations only time the tiles; the data are computed once, in a last
+        # run at the converged timing (every op's result depends on the memory, not on when
+        # the op ran, and the hazard checks then see the final timing)
+        self._timing_model = TileModel(cfg.tile, timing_only=True)
         self.interval = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
 
     def run_layer(self, layer) -> ModelResult:
@@ -411,23 +415,18 @@ class OverlayModel:
                     avail_new.update(seen[key][1])
                     continue
                 mine: dict = {}
-                env = _TileEnv(self, job, tp, inputs[key], mine, key)
-                mem = np.zeros(cfg.tile.dmem_bytes, dtype=np.uint8)
-                wv = mem.view(np.uint8).reshape(-1, cfg.tile.block)
-                for a, w in tp.dm.items():
-                    wv[a] = np.frombuffer(int(w).to_bytes(8, "little"), np.uint8)[
-                        :cfg.tile.block]
-                locks = [0] * 64
-                for i, v in tp.locks.items():
-                    locks[i] = v
-                runs[key] = self.tile_model.run(tp.program, mem, locks=locks, lock_hook=env)
-                envs[key] = env
-                mems[key] = mem
+                envs[key], runs[key], mems[key] = self._run_tile(job, tp, inputs[key], mine,
+                                                                 self._timing_model)
                 seen[key] = (arrivals, mine)
                 avail_new.update(mine)
             if avail_new == prev:
                 break
             prev = avail = avail_new
+        if not self.tile_model.timing_only:
+            for tp in job.tiles:
+                key = (tp.r, tp.c)
+                envs[key], runs[key], mems[key] = self._run_tile(job, tp, inputs[key], {},
+                                                                 self.tile_model)
         # outputs: each tile's MM2S packets through the column's write channels
         wr_words = 0
         end = 0.0
@@ -467,6 +466,21 @@ class OverlayModel:
         res = JobResult(int(np.ceil(end)), rd_words, wr_words,
                         {k: int(r.cycles) for k, r in runs.items()}, n_iter)
         return ddr, res
+
+    def _run_tile(self, job, tp, inputs: dict, avail: dict, tile_model: TileModel):
+        """Run tile ``tp``'s program with its datamover channels (the packets' arrival times
+        as timed so far); its acquire times go into ``avail``."""
+        cfg = self.cfg
+        env = _TileEnv(self, job, tp, inputs, avail, (tp.r, tp.c))
+        mem = np.zeros(cfg.tile.dmem_bytes, dtype=np.uint8)
+        wv = mem.view(np.uint8).reshape(-1, cfg.tile.block)
+        for a, w in tp.dm.items():
+            wv[a] = np.frombuffer(int(w).to_bytes(8, "little"), np.uint8)[:cfg.tile.block]
+        locks = [0] * 64
+        for i, v in tp.locks.items():
+            locks[i] = v
+        run = tile_model.run(tp.program, mem, locks=locks, lock_hook=env)
+        return env, run, mem
 
     def _time_packets(self, chans, dest, avail, step, lat) -> None:
         """Arrival times of every packet, by a fluid simulation of the read side.
