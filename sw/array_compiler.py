@@ -511,6 +511,23 @@ def _ramp_split(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def _row_cuts(rows: int, n: int, first: int, height: int) -> list[tuple[int, int]]:
+    """``rows`` slice rows (image rows ``first ..``, ``height`` of them in the image) cut into
+    at most ``n`` consecutive ranges, each with at least one image row (halo rows join their
+    neighbour)."""
+    cuts: list[tuple[int, int]] = []
+    for ya, yb in _split_rows(rows, n):
+        if yb == ya:
+            continue
+        if cuts and not min(first + cuts[-1][1], height) > max(first + cuts[-1][0], 0):
+            ya = cuts.pop()[0]               # the previous range held only halo rows
+        cuts.append((ya, yb))
+    if len(cuts) > 1 and not min(first + cuts[-1][1], height) > max(first + cuts[-1][0], 0):
+        last = cuts.pop()
+        cuts[-1] = (cuts[-1][0], last[1])
+    return cuts
+
+
 def _take_parts(p: Program, slots: list[int], got: int, upto: int) -> int:
     """Acquire activation parts ``got..upto`` (``slots[i]``: part ``i``'s channel slot) in
     ``p``: a slot's parts land in order, so its lock counts them. Returns the parts acquired."""
@@ -968,7 +985,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
         a0 = h0 * geo.s - geo.ph                     # first input row (image coordinates)
         y0, y1 = max(a0, 0), min(a0 + rows_in, geo.h)
-        pad_top, pad_bot = y0 - a0, a0 + rows_in - y1
         b0 = w0 * geo.s - geo.pw                     # first input column
         x0, x1 = max(b0, 0), min(b0 + cols_in, geo.w)
         pad_l, pad_r = x0 - b0, b0 + cols_in - x1
@@ -976,18 +992,27 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             raise ValueError(f"layer {layer.name!r}: tile row {r} reads no input pixel")
         plane = rows_in * cols_in
         nparts = min(per_row * n_act_parts, geo.gin)
-        groups = _ramp_split(geo.gin, nparts)
-        part_stage[r] = [pi % n_slots for pi in range(len(groups))]
-        stage_of[r] = np.repeat(np.arange(len(groups)), [g1 - g0 for g0, g1 in groups])
-        for pi, (g0, g1) in enumerate(groups):
-            n_words = (g1 - g0) * plane
+        # parts: (first group, end group, first slice row, end slice row); a slice of fewer
+        # input channel groups than channels (a stem's one group) is cut by rows instead, so
+        # that every channel of the row carries a share of it
+        parts = [(g0, g1, 0, rows_in) for g0, g1 in _ramp_split(geo.gin, nparts)]
+        if geo.gin < per_row:
+            cuts = _row_cuts(rows_in, per_row * n_act_parts // geo.gin, a0, geo.h)
+            parts = [(g, g + 1, ya, yb) for g in range(geo.gin) for ya, yb in cuts]
+        part_stage[r] = [pi % n_slots for pi in range(len(parts))]
+        stage_of[r] = np.array([max(pi for pi, (g0, g1, _, _) in enumerate(parts)
+                                    if g0 <= g < g1) for g in range(geo.gin)])
+        for pi, (g0, g1, ya, yb) in enumerate(parts):
+            iy0, iy1 = max(a0 + ya, 0), min(a0 + yb, geo.h)
+            ptop, pbot = iy0 - (a0 + ya), (a0 + yb) - iy1
+            n_words = (g1 - g0) * (yb - ya) * cols_in
             lock = ACT_LOCKS[pi % n_slots]
             route = (1 + n_words) | (1 << (rf.row + r))
-            write = n_words | (g0 * plane << 16) | (lock << (16 + aw))
+            write = n_words | ((g0 * plane + ya * cols_in) << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
-            part = BufferDescriptor(in_base + g0 * geo.h * geo.w + y0 * geo.w + x0,
-                                    (x1 - x0, y1 - y0, g1 - g0), (1, geo.w, geo.h * geo.w),
-                                    (pad_l, pad_top, 0), (pad_r, pad_bot, 0))
+            part = BufferDescriptor(in_base + g0 * geo.h * geo.w + iy0 * geo.w + x0,
+                                    (x1 - x0, iy1 - iy0, g1 - g0), (1, geo.w, geo.h * geo.w),
+                                    (pad_l, ptop, 0), (pad_r, pbot, 0))
             # the first step at which a core of any column uses an input group of this part
             need = min((int(np.searchsorted(seen[c], g0)) for c in range(C) if seq[c]),
                        default=0)
