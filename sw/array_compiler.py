@@ -764,14 +764,18 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     # ---- partition ---------------------------------------------------------------------------
     col_rows_all = _balance(nnz_row, C)
     # the split into runs with the least extra DDR traffic (weights re-read per output-row
-    # part, the input re-read per block-row part) plus RUN_COST_WORDS per run; for a given
-    # row split more block-row parts only cost more, so the first that fits is its best
+    # part, the input re-read per block-row part) plus RUN_COST_WORDS per run plus what the
+    # runs lose to transfers the cores cannot overlap; for a given row split more block-row
+    # parts only cost more traffic, so past the first that fits only a loss can make more
+    # parts pay, and they are tried in steps of a quarter (VGG16 classifier.0: 64 parts fit,
+    # 126 are double-buffered)
     best = None
     for n_rsplit in range(1, ho + 1):
         w_cost = (n_rsplit - 1) * sum(w_words_row)
         if best is not None and w_cost >= best[0]:
             break
-        for n_gsplit in range(1, geo.gout + 1):
+        n_gsplit, fitted = 1, False
+        while n_gsplit <= geo.gout:
             cost = w_cost + (n_gsplit - 1) * in_size
             if best is not None and cost >= best[0]:
                 break
@@ -784,6 +788,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                     best = (cost, plan)
                 if not lost:
                     break
+                fitted = True
+            n_gsplit = max(n_gsplit + 1, n_gsplit * 5 // 4) if fitted else n_gsplit + 1
     if best is None:
         biggest = max(w_words_row) + _align(qrec, b)
         raise ValueError(
@@ -794,6 +800,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     jobs_spec = best[1]
 
     jobs: list[ArrayJob] = []
+    wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
         # as many activation parts as the shim's BDs allow (more parts: the cores start
         # sooner)
@@ -801,7 +808,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
             mark = img.mark()
             try:
                 job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
-                                 in_base, out_base, img.put, n_act)
+                                 in_base, out_base, img.put, n_act, wlines)
                 break
             except _ShimBdsShort:
                 img.rollback(mark)
@@ -924,7 +931,8 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
 def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
                chunks: list[list[Chunk]], layout: list[tuple[int, int, int, int]], rf,
-               in_base: int, out_base: int, put, n_act_parts: int) -> ArrayJob:
+               in_base: int, out_base: int, put, n_act_parts: int,
+               wlines: list[np.ndarray]) -> ArrayJob:
     t = cfg.tile
     b = t.block
     R, C = cfg.array.rows, cfg.array.cols
@@ -937,7 +945,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # half on bus 1 (both of the column's read channels stream every chunk) --------------------
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
-    wlines = _weight_lines_all(layer, b)
     qbytes = _qbytes_all(layer, b, t.qrec_words)
     wpk: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}   # (c, bus) -> (k, words)
     # the input channel group of every block column c's cores take, in order, and where each
@@ -1205,13 +1212,10 @@ def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:
     full = np.zeros((gout * b, gin * b, kh, kw), dtype=np.int8)
     full[:cout, :cin] = w
     mask = block_mask(w, b)
-    out = []
-    for g in range(gout):
-        lines = [full[g * b:(g + 1) * b, j * b:(j + 1) * b].transpose(2, 3, 0, 1).reshape(-1)
-                 for j in np.flatnonzero(mask[g])]
-        out.append(np.concatenate(lines).view(np.uint8) if lines
-                   else np.zeros(0, dtype=np.uint8))
-    return out
+    # (block row, block column, kh, kw, out lane, in lane): a block's lines in order
+    blocks = full.reshape(gout, b, gin, b, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return [np.ascontiguousarray(blocks[g, np.flatnonzero(mask[g])]).reshape(-1).view(np.uint8)
+            for g in range(gout)]
 
 
 def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
