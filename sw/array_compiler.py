@@ -515,17 +515,26 @@ def _row_cuts(rows: int, n: int, first: int, height: int) -> list[tuple[int, int
     """``rows`` slice rows (image rows ``first ..``, ``height`` of them in the image) cut into
     at most ``n`` consecutive ranges, each with at least one image row (halo rows join their
     neighbour)."""
+    def halo_only(cut: tuple[int, int]) -> bool:
+        return min(first + cut[1], height) <= max(first + cut[0], 0)
+
     cuts: list[tuple[int, int]] = []
     for ya, yb in _split_rows(rows, n):
         if yb == ya:
             continue
-        if cuts and not min(first + cuts[-1][1], height) > max(first + cuts[-1][0], 0):
-            ya = cuts.pop()[0]               # the previous range held only halo rows
+        if cuts and halo_only(cuts[-1]):
+            ya = cuts.pop()[0]
         cuts.append((ya, yb))
-    if len(cuts) > 1 and not min(first + cuts[-1][1], height) > max(first + cuts[-1][0], 0):
+    if len(cuts) > 1 and halo_only(cuts[-1]):
         last = cuts.pop()
         cuts[-1] = (cuts[-1][0], last[1])
     return cuts
+
+
+def _max_groups(ranges: list[tuple[int, int, int, int]], pixels: int) -> int:
+    """Pixel groups of the largest of the output rectangles ``ranges`` (a row of ``w`` pixels
+    is ``ceil(w / pixels)`` groups)."""
+    return max((h1 - h0) * _cdiv(w1 - w0, pixels) for h0, h1, w0, w1 in ranges)
 
 
 def _take_parts(p: Program, slots: list[int], got: int, upto: int) -> int:
@@ -861,7 +870,7 @@ def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
     taps = geo.kh * geo.kw
     total = 0
     for tile_ranges, _col_rows, chunks, layout in plan:
-        groups = max((h1 - h0) * _cdiv(w1 - w0, t.pixels) for h0, h1, w0, w1 in tile_ranges)
+        groups = _max_groups(tile_ranges, t.pixels)
         worst = 0
         for col_chunks, lay in zip(chunks, layout, strict=True):
             computes = [sum(j1 - j0 for _, j0, j1 in chk.pieces) * taps * groups
@@ -891,7 +900,7 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
         tile_ranges = _rectangles(geo, rpart[0], rpart[1], R, t.pixels)
         max_rows = max(h1 - h0 for h0, h1, _, _ in tile_ranges)
         max_cols = max(w1 - w0 for _, _, w0, w1 in tile_ranges)
-        groups = max((h1 - h0) * _cdiv(w1 - w0, t.pixels) for h0, h1, w0, w1 in tile_ranges)
+        groups = _max_groups(tile_ranges, t.pixels)
         can_split = groups <= t.acc_depth
         taps = geo.kh * geo.kw
         for gp in range(n_gsplit):
@@ -1027,11 +1036,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             act_items.setdefault(key, []).append(
                 (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
 
-    step = geo.kh * geo.kw * max((h1 - h0) * _cdiv(w1 - w0, t.pixels)
-                                 for h0, h1, w0, w1 in row_ranges)
+    groups_max = _max_groups(row_ranges, t.pixels)
+    step = geo.kh * geo.kw * groups_max
     # whether the cores cut CONVs (all tiles' pixel groups fit the accumulators; see below)
-    cuts = max((h1 - h0) * _cdiv(w1 - w0, t.pixels)
-               for h0, h1, w0, w1 in row_ranges) <= t.acc_depth
+    cuts = groups_max <= t.acc_depth
     # ---- each read channel streams its activation parts and weight packets in the order
     # the cores need them; consecutive weight packets are one DDR run ------------------------
     for c in range(C):
@@ -1420,10 +1428,10 @@ def _eltwise_job(ji: int, layer, geo: _Geometry, cfg: OverlayConfig, rf,
                                      f"= {v} is outside what the tile accepts "
                                      f"({param_range(Param[key], t).describe()})")
             p = Program().setps(**params)
-            relu = bool(getattr(layer, "relu", False))
-            emit = p.add if is_add else {"max": p.maxpool, "avg": p.avgpool}[layer.kind]
             for k in range(nops):
                 p.acquire(LOCK_WFULL[0][k])
+            relu = bool(getattr(layer, "relu", False))
+            emit = p.add if is_add else {"max": p.maxpool, "avg": p.avgpool}[layer.kind]
             for j in range(ng):
                 emit(j, relu=relu)
             p.nop(fence=True).release(LOCK_OFULL[o])
