@@ -207,27 +207,39 @@ def generate(cfg: OverlayConfig, outdir: str | os.PathLike[str], *,
 
 def overlay_modules(cfg: OverlayConfig) -> dict[str, Callable[[], wiring.Component]]:
     """The distinct modules of ``cfg``'s overlay, each converted once: Verilog module name ->
-    factory. The top (``tw_overlay``) instantiates the tile unit and the shim by name."""
-    from .overlay import SHIM_MODULE, TILEUNIT_MODULE, TOP_MODULE, Overlay
+    factory. The top (``tw_overlay``) instantiates the tile unit, the shim and the memtile by
+    name."""
+    from .memtile import Memtile
+    from .overlay import (
+        MEMTILE_MODULE,
+        SHIM_MODULE,
+        TILEUNIT_MODULE,
+        TOP_MODULE,
+        Overlay,
+        array_memtile,
+    )
     from .shim import Shim
     from .tileunit import TileUnit
 
     return {
         TILEUNIT_MODULE: lambda: TileUnit(cfg.tile),
         SHIM_MODULE: lambda: Shim(cfg),
+        MEMTILE_MODULE: lambda: Memtile(array_memtile(cfg), cfg.tile.block),
         TOP_MODULE: lambda: Overlay(cfg),
     }
 
 
 def generate_overlay(cfg: OverlayConfig, outdir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Generate the whole overlay of ``cfg`` into ``outdir``: ``tw_tileunit.v``, ``tw_shim.v``
-    and the top ``tw_overlay.v`` (each distinct module converted once; the top instantiates
-    ``rows x cols`` tile units and ``cols`` shims) and ``overlay_manifest.json``.
+    """Generate the whole overlay of ``cfg`` into ``outdir``: ``tw_tileunit.v``, ``tw_shim.v``,
+    ``tw_memtile.v`` and the top ``tw_overlay.v`` (each distinct module converted once; the top
+    instantiates ``rows x cols`` tile units, ``cols`` shims and ``cols`` memtiles) and
+    ``overlay_manifest.json``.
 
     Returns the manifest: ``config``, ``top``, ``modules`` (name, file, instances, bytes,
-    generate_s), ``array``, ``ddr``, ``route_fields``, ``generate_s``.
+    generate_s), ``array``, ``ddr``, ``memtile`` (as generated: the channels the array wires),
+    ``route_fields``, ``units`` (control-plane unit numbers), ``generate_s``.
     """
-    from .overlay import TOP_MODULE, route_fields
+    from .overlay import TOP_MODULE, array_memtile, route_fields
 
     if not isinstance(cfg, OverlayConfig):
         raise TypeError(f"cfg must be an OverlayConfig (see tilewright.hw.config.load_config), "
@@ -235,7 +247,7 @@ def generate_overlay(cfg: OverlayConfig, outdir: str | os.PathLike[str]) -> dict
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     R, C = cfg.array.rows, cfg.array.cols
-    instances = {TOP_MODULE: 1, "tw_tileunit": R * C, "tw_shim": C}
+    instances = {TOP_MODULE: 1, "tw_tileunit": R * C, "tw_shim": C, "tw_memtile": C}
     mods = []
     t_all = time.perf_counter()
     for name, factory in overlay_modules(cfg).items():
@@ -255,7 +267,11 @@ def generate_overlay(cfg: OverlayConfig, outdir: str | os.PathLike[str]) -> dict
         "array": asdict(cfg.array),
         "tile": asdict(cfg.tile),
         "ddr": asdict(cfg.ddr),
-        "route_fields": {"len": [0, 15], "col": rf.col, "row": rf.row, "tile": rf.tile},
+        "memtile": asdict(array_memtile(cfg)),
+        "route_fields": {"len": [0, 15], "col": rf.col, "row": rf.row, "mt": rf.mt,
+                         "tile": rf.tile},
+        "units": {"tile": [0, R * C - 1], "shim": [R * C, R * C + C - 1],
+                  "memtile": [R * C + C, R * C + 2 * C - 1]},
         "macs_per_cycle": cfg.tile.macs_per_cycle * R * C,
         "generate_s": round(time.perf_counter() - t_all, 3),
         "files": [m["file"] for m in mods] + ["overlay_manifest.json"],

@@ -23,10 +23,37 @@ from .config import MemtileConfig
 from .datamover import Datamover
 from .locks import LOCK_ID_BITS, LockUnit
 
-__all__ = ["Memtile"]
+__all__ = ["Memtile", "memtile_signature"]
 
 #: Bits of the channel number in ``bd_ch`` and in the task payload.
 CH_BITS = 4
+
+
+def memtile_signature(memtile: MemtileConfig, block: int) -> wiring.Signature:
+    """The ports of a :class:`Memtile` (the one definition: the memtile and the overlay's
+    instances of the generated ``tw_memtile`` module)."""
+    wb = 8 * block
+    nch = memtile.s2mm + memtile.mm2s
+    return wiring.Signature({
+        "s2mm": In(stream.Signature(wb)).array(memtile.s2mm),
+        "mm2s": Out(stream.Signature(wb)).array(memtile.mm2s),
+        "bd_we": In(1),
+        "bd_ch": In(CH_BITS),
+        "bd_addr": In(BD_INDEX_BITS),
+        "bd_wdata": In(BD_LAYOUT),
+        "task": In(stream.Signature(BD_INDEX_BITS + CH_BITS)),
+        "lock_wr_en": In(1),
+        "lock_wr_id": In(LOCK_ID_BITS),
+        "lock_wr_value": In(6),
+        "dma_busy": Out(nch),
+        "dma_error": Out(1),
+        "dm_we": In(1),
+        "dm_re": In(1),
+        "dm_addr": In(ceil_log2(memtile.bytes // block)),
+        "dm_wdata": In(wb),
+        "dm_rdata": Out(wb),
+        "dm_ready": Out(1),
+    })
 
 
 class Memtile(wiring.Component):
@@ -65,28 +92,7 @@ class Memtile(wiring.Component):
         self.block = block
         self.words = memtile.bytes // block
         self.addr_bits = ceil_log2(self.words)
-        wb = 8 * block
-        nch = memtile.s2mm + memtile.mm2s
-        super().__init__({
-            "s2mm": In(stream.Signature(wb)).array(memtile.s2mm),
-            "mm2s": Out(stream.Signature(wb)).array(memtile.mm2s),
-            "bd_we": In(1),
-            "bd_ch": In(CH_BITS),
-            "bd_addr": In(BD_INDEX_BITS),
-            "bd_wdata": In(BD_LAYOUT),
-            "task": In(stream.Signature(BD_INDEX_BITS + CH_BITS)),
-            "lock_wr_en": In(1),
-            "lock_wr_id": In(LOCK_ID_BITS),
-            "lock_wr_value": In(6),
-            "dma_busy": Out(nch),
-            "dma_error": Out(1),
-            "dm_we": In(1),
-            "dm_re": In(1),
-            "dm_addr": In(self.addr_bits),
-            "dm_wdata": In(wb),
-            "dm_rdata": Out(wb),
-            "dm_ready": Out(1),
-        })
+        super().__init__(memtile_signature(memtile, block))
 
     def elaborate(self, platform):
         c = self.cfg

@@ -33,12 +33,16 @@ in which something moved -- what the simulation's watchdog reports from.
 
 from __future__ import annotations
 
+import dataclasses
+
 from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .bd import BD_BITS, BD_INDEX_BITS
-from .config import OverlayConfig
+from .config import MemtileConfig, OverlayConfig
+from .memtile import CH_BITS as MT_CH_BITS
+from .memtile import memtile_signature
 from .packet import PacketMerge, PacketSplit, StreamBroadcast
 from .shim import DDR_ADDR_BITS, SHIM_CH_BITS, shim_signature
 from .tileunit import CH_BITS, N_LOCK_PORTS, N_MM2S, N_S2MM, tileunit_signature
@@ -47,18 +51,22 @@ N_DMA = N_S2MM + N_MM2S
 
 __all__ = [
     "CFG_KINDS",
+    "MEMTILE_MODULE",
     "SHIM_MODULE",
     "STATUS_BITS",
     "TILEUNIT_MODULE",
     "TOP_MODULE",
     "Overlay",
     "RouteFields",
+    "array_memtile",
     "route_fields",
+    "unit_of",
 ]
 
 TOP_MODULE = "tw_overlay"
 TILEUNIT_MODULE = "tw_tileunit"
 SHIM_MODULE = "tw_shim"
+MEMTILE_MODULE = "tw_memtile"
 
 #: ``cfg_kind`` values.
 CFG_KINDS = {"pm": 0, "bd": 1, "lock": 2, "dm": 3, "task": 4}
@@ -75,15 +83,44 @@ class RouteFields:
         Send to the column bus.
     row : int
         Row bus ``r`` is bit ``row + r``.
+    mt : int
+        A packet a shim read channel reads: also write it (header included) into the
+        column's memtile, on the memtile's S2MM channel of the same number.
     tile : int
         On a column bus, tile row ``r`` is bit ``tile + r``.
+    bits : int
+        Header bits used (length included).
     """
 
     def __init__(self, rows: int) -> None:
         self.col = 16
         self.row = 17
-        self.tile = 17 + rows
-        self.bits = 17 + 2 * rows
+        self.mt = 17 + rows
+        self.tile = 18 + rows
+        self.bits = 18 + 2 * rows
+
+
+def array_memtile(cfg: OverlayConfig) -> MemtileConfig:
+    """The memtile the generated array holds per column: the configured memory, banks, BDs
+    and locks, with the channels the stream network wires (at most the configured ones):
+    an S2MM channel per shim read channel (what that channel reads with the header's ``mt``
+    bit set) and an MM2S channel per column bus (memtile MM2S ``j`` streams into column bus
+    ``j``)."""
+    mt = cfg.memtile
+    return dataclasses.replace(mt, s2mm=min(mt.s2mm, cfg.ddr.read_channels),
+                               mm2s=min(mt.mm2s, 2))
+
+
+def unit_of(cfg: OverlayConfig, kind: str, index: int) -> int:
+    """The control-plane unit number (``cfg_unit``, ``st_sel``) of tile ``r * cols + c``
+    (``kind="tile"``), of column ``c``'s shim (``"shim"``) or memtile (``"memtile"``)."""
+    R, C = cfg.array.rows, cfg.array.cols
+    n = {"tile": R * C, "shim": C, "memtile": C}
+    if kind not in n:
+        raise ValueError(f"unit kind must be 'tile', 'shim' or 'memtile', not {kind!r}")
+    if not 0 <= index < n[kind]:
+        raise ValueError(f"{kind} {index} does not exist in {cfg.name} ({n[kind]} of them)")
+    return {"tile": 0, "shim": R * C, "memtile": R * C + C}[kind] + index
 
 
 def route_fields(cfg: OverlayConfig) -> RouteFields:
@@ -176,6 +213,10 @@ class Overlay(wiring.Component):
         tiles = [[_instance(m, TILEUNIT_MODULE, f"tile_{r}_{c}", tsig) for c in range(C)]
                  for r in range(R)]
         shims = [_instance(m, SHIM_MODULE, f"shim_{c}", ssig) for c in range(C)]
+        mcfg = array_memtile(cfg)
+        msig = memtile_signature(mcfg, cfg.tile.block)
+        mts = [_instance(m, MEMTILE_MODULE, f"memtile_{c}", msig) for c in range(C)]
+        NMS, NMM = mcfg.s2mm, mcfg.mm2s
         flat = [tiles[r][c] for r in range(R) for c in range(C)]
 
         # ---- DDR ports ---------------------------------------------------------------------
@@ -200,13 +241,21 @@ class Overlay(wiring.Component):
         col_inputs: list[list] = [[] for _ in range(C)]
         for c in range(C):
             for k in range(NR):
-                sp = PacketSplit(wb, 1 + R, rf.col, strip=False)
+                # outputs: column bus, row buses, and (read channels with a memtile S2MM
+                # channel) the memtile: header bits col, row.., mt are contiguous
+                sp = PacketSplit(wb, 1 + R + (k < NMS), rf.col, strip=False)
                 m.submodules[f"rdsplit_{c}_{k}"] = sp
                 wiring.connect(m, shims[c].rd_o[k], sp.i)
-                col_inputs[c].append(sp.o[0])
+                col_inputs[c].append((k % 2, sp.o[0]))
                 for r in range(R):
                     row_inputs[r].append(sp.o[1 + r])
+                if k < NMS:
+                    wiring.connect(m, sp.o[1 + R], mts[c].s2mm[k])
+                    net_valid.append(sp.o[1 + R].valid)
                 net_valid.append(shims[c].rd_o[k].valid)
+            for j in range(NMM):
+                col_inputs[c].append((j, mts[c].mm2s[j]))
+                net_valid.append(mts[c].mm2s[j].valid)
         for r in range(R):
             mg = PacketMerge(wb, len(row_inputs[r]))
             m.submodules[f"rowmerge_{r}"] = mg
@@ -223,10 +272,11 @@ class Overlay(wiring.Component):
                 wiring.connect(m, st.o[0], tiles[r][c].s2mm[0])
                 net_valid.append(bc.o[c].valid)
         for c in range(C):
-            # two column buses (weight ping/pong): read channel k feeds bus k % 2, which feeds
-            # S2MM 1 + (k % 2) of the tiles its header's tile mask names
+            # two column buses (weight ping/pong): read channel k feeds bus k % 2 and memtile
+            # MM2S channel j bus j, which feeds S2MM 1 + bus of the tiles its header's tile
+            # mask names
             for bus in range(2):
-                srcs = col_inputs[c][bus::2]
+                srcs = [src for b, src in col_inputs[c] if b == bus]
                 sp = PacketSplit(wb, R, rf.tile, strip=True)
                 m.submodules[f"colsplit_{c}_{bus}"] = sp
                 if not srcs:
@@ -302,14 +352,33 @@ class Overlay(wiring.Component):
             ]
             with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
                 m.d.comb += ready.eq(s.task.ready)
+        for c, mt in enumerate(mts):
+            u = R * C + C + c
+            sel = self.cfg_we & (self.cfg_unit == u)
+            m.d.comb += [
+                mt.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
+                mt.bd_ch.eq(self.cfg_ch[:MT_CH_BITS]),
+                mt.bd_addr.eq(self.cfg_addr),
+                mt.bd_wdata.eq(self.cfg_data[:BD_BITS]),
+                mt.lock_wr_en.eq(sel & (kind == CFG_KINDS["lock"])),
+                mt.lock_wr_id.eq(self.cfg_addr),
+                mt.lock_wr_value.eq(self.cfg_data),
+                mt.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
+                mt.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS],
+                                       self.cfg_ch[:MT_CH_BITS])),
+                mt.dm_we.eq(0), mt.dm_re.eq(0),
+            ]
+            with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
+                m.d.comb += ready.eq(mt.task.ready)
         m.d.comb += self.cfg_ready.eq(ready)
 
         # ---- run control -------------------------------------------------------------------
         all_done = Cat(*[t.done for t in flat]).all()
-        dma_idle = ~Cat(*[t.dma_busy for t in flat], *[s.busy for s in shims]).any()
+        dma_idle = ~Cat(*[t.dma_busy for t in flat], *[s.busy for s in shims],
+                        *[mt.dma_busy for mt in mts]).any()
         net_idle = ~Cat(*net_valid).any()
         any_error = Cat(*[t.error for t in flat], *[t.dma_error for t in flat],
-                        *[s.error for s in shims]).any()
+                        *[s.error for s in shims], *[mt.dma_error for mt in mts]).any()
         running = Signal()
         settle = Signal(2)
         with m.If(self.start):
@@ -333,14 +402,20 @@ class Overlay(wiring.Component):
         for c, s in enumerate(shims):
             with m.If(self.st_sel == R * C + c):
                 m.d.comb += self.st_data.eq(Cat(Const(0, 2), s.error, Const(0, 1), s.busy))
+        for c, mt in enumerate(mts):
+            with m.If(self.st_sel == R * C + C + c):
+                m.d.comb += self.st_data.eq(Cat(Const(0, 3), mt.dma_error, mt.dma_busy))
         # status word of a tile: busy 0, done 1, error 2, dma_error 3, dma_busy 4.. (one bit
         # per channel: S2MM then MM2S), lock_wait 16.. (core, S2MM, MM2S), error_code 24..31,
         # lock ids 6 bits each from 32, error_pc from 72, the tile's cycle counter from 96;
-        # of a shim: error 2, busy 4..
+        # of a shim: error 2, busy 4.. (read channels, then write channels); of a memtile:
+        # dma_error 3, dma_busy 4.. (S2MM, then MM2S channels)
         moving = [t.busy & ~t.lock_wait[0] for t in flat]
         moving += [t.s2mm[k].valid & t.s2mm[k].ready for t in flat for k in range(N_S2MM)]
         moving += [t.mm2s[k].valid & t.mm2s[k].ready for t in flat for k in range(N_MM2S)]
         moving += [self.ddr_rd_re & self.ddr_rd_ready, self.ddr_wr_we & self.ddr_wr_ready]
+        moving += [mt.s2mm[k].valid & mt.s2mm[k].ready for mt in mts for k in range(NMS)]
+        moving += [mt.mm2s[j].valid & mt.mm2s[j].ready for mt in mts for j in range(NMM)]
         m.d.comb += self.progress.eq(Cat(*moving).any())
         return m
 

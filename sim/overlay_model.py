@@ -42,7 +42,7 @@ import numpy as np
 from tilewright.hw.bd import BufferDescriptor
 from tilewright.hw.config import OverlayConfig
 from tilewright.hw.isa import ErrorCode
-from tilewright.hw.overlay import route_fields
+from tilewright.hw.overlay import array_memtile, route_fields
 from tilewright.hw.tileunit import LOCK_BITS, N_S2MM
 
 from .dm_model import bd_addresses
@@ -58,6 +58,9 @@ _MAX_ITERATIONS = 40
 #: S2MM register stages), and from a tile's MM2S to the writer.
 _PIPE_IN = 8
 _PIPE_OUT = 6
+#: A memtile MM2S channel: cycles from its task to its first word, and words it reads ahead.
+_MT_LATENCY = 4
+_MT_DEPTH = 4
 
 
 @dataclass
@@ -67,6 +70,8 @@ class JobResult:
     wr_words: int
     tile_cycles: dict[tuple[int, int], int] = field(default_factory=dict)
     iterations: int = 0
+    mt_rd_words: int = 0           # words the memtiles' MM2S channels read
+    mt_wr_words: int = 0           # words the memtiles' S2MM channels wrote
 
 
 @dataclass
@@ -81,9 +86,10 @@ class ModelResult:
     jobs: list[JobResult]
 
 
-def _task_words(ddr: np.ndarray, bds: Sequence[BufferDescriptor]) -> tuple[list[np.ndarray],
-                                                                           list[int]]:
-    """Per BD of a read channel's chain (BD 0 first): the words it streams, and the DDR reads."""
+def _task_words(ddr: np.ndarray, bds: Sequence[BufferDescriptor],
+                what: str = "the DDR image") -> tuple[list[np.ndarray], list[int]]:
+    """Per BD of a read channel's chain (BD 0 first): the words it streams from ``ddr`` (the
+    DDR image, or a memtile's memory), and the reads."""
     out, reads = [], []
     i: int | None = 0
     seen = 0
@@ -91,15 +97,15 @@ def _task_words(ddr: np.ndarray, bds: Sequence[BufferDescriptor]) -> tuple[list[
         bd = bds[i]
         addrs, ok = bd_addresses(bd)
         if ok.any() and int(addrs[ok].max()) >= ddr.size:
-            raise ValueError(f"shim BD {i} reads word {int(addrs[ok].max())}, beyond the DDR "
-                             f"image of {ddr.size} words")
+            raise ValueError(f"BD {i} reads word {int(addrs[ok].max())}, beyond {what} of "
+                             f"{ddr.size} words")
         words = np.where(ok, ddr[np.where(ok, addrs, 0)], np.uint64(0)).astype(np.uint64)
         out.append(words)
         reads.append(int(ok.sum()))
         i = bd.next_bd
         seen += 1
         if seen > len(bds):
-            raise ValueError("a shim BD chain loops")
+            raise ValueError("a BD chain loops")
     return out, reads
 
 
@@ -111,9 +117,18 @@ class _Packet:
 
 
 class _Channel:
-    """One DDR read channel: its packets in order with the words each takes from DDR."""
+    """One read channel (a shim's DDR read channel, or a memtile MM2S channel): its packets in
+    order with the words each takes from its memory.
 
-    def __init__(self, words: list[np.ndarray], reads: list[int]) -> None:
+    ``col`` is its column, ``bus`` the column bus it feeds, ``step`` the cycles a word read
+    takes, ``lat`` the cycles to its first word, ``depth`` the words it buffers ahead of its
+    stream, ``rows`` whether its packets may go to the row buses (shim channels)."""
+
+    def __init__(self, words: list[np.ndarray], reads: list[int], *, col: int = 0,
+                 bus: int = 0, step: int = 1, lat: int = 0, depth: int = 4,
+                 rows: bool = True) -> None:
+        self.col, self.bus, self.step, self.lat = col, bus, step, lat
+        self.depth, self.rows = depth, rows
         stream = np.concatenate(words) if words else np.zeros(0, np.uint64)
         # DDR reads per stream word (1) or padding (0), to time each packet
         real = np.concatenate([np.ones(n, bool) if n == len(w) else _reads_mask(w, n)
@@ -350,8 +365,9 @@ class OverlayModel:
         in turn on one DDR image."""
         ddr = np.array(layer.ddr, dtype=np.uint64, copy=True)
         results = []
+        memtiles = self.new_memtiles()
         for job in layer.jobs:
-            ddr, res = self.run_job(job, ddr)
+            ddr, res = self.run_job(job, ddr, memtiles)
             results.append(res)
         lo, n = layer.out_region
         out = layer.read_output(ddr[lo:lo + n])
@@ -359,14 +375,26 @@ class OverlayModel:
                            sum(r.rd_words for r in results), sum(r.wr_words for r in results),
                            results)
 
-    def run_job(self, job, ddr: np.ndarray) -> tuple[np.ndarray, JobResult]:
+    def new_memtiles(self) -> dict[int, np.ndarray]:
+        """Every column's memtile memory, zero (a layer's jobs run on one set: what a job
+        writes into a memtile is there for the next)."""
+        words = self.cfg.memtile.bytes // self.cfg.tile.block
+        return {c: np.zeros(words, np.uint64) for c in range(self.cfg.array.cols)}
+
+    def run_job(self, job, ddr: np.ndarray,
+                memtiles: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, JobResult]:
+        """Run one job on ``ddr`` (updated in place with its outputs) and ``memtiles`` (from
+        :meth:`new_memtiles`, updated with what the job captures; fresh ones if None)."""
         cfg = self.cfg
         R, C = cfg.array.rows, cfg.array.cols
         rf = route_fields(cfg)
+        mcfg = array_memtile(cfg)
+        if memtiles is None:
+            memtiles = self.new_memtiles()
         step = self.interval
         lat = cfg.ddr.latency
         # shim read channels: packets and DDR reads
-        chans: dict[tuple[int, int], _Channel] = {}
+        chans: dict[tuple, _Channel] = {}
         rd_words = 0
         for c, per in job.shim_bds.items():
             for ch, bds in per.items():
@@ -374,26 +402,45 @@ class OverlayModel:
                     continue
                 words, reads = _task_words(ddr, bds)
                 rd_words += sum(reads)
-                chans[(c, ch)] = _Channel(words, reads)
+                chans[(c, ch)] = _Channel(words, reads, col=c, bus=ch % 2, step=step, lat=lat,
+                                          depth=cfg.ddr.read_fifo_words)
+        # memtile MM2S channels: packets from the memtile's memory as the job found it, into
+        # column bus j (never the row buses)
+        mt_rd = 0
+        for c, per in getattr(job, "memtile_bds", {}).items():
+            for ch, bds in per.items():
+                if ch < mcfg.s2mm or not bds:
+                    continue
+                j = ch - mcfg.s2mm
+                if j >= mcfg.mm2s:
+                    raise ValueError(f"memtile {c} has {mcfg.mm2s} MM2S channels in the array, "
+                                     f"a job uses channel {ch}")
+                words, reads = _task_words(memtiles[c], bds, f"memtile {c}'s memory")
+                mt_rd += sum(reads)
+                chans[(c, "mt", j)] = _Channel(words, reads, col=c, bus=j, step=1,
+                                               lat=_MT_LATENCY, depth=_MT_DEPTH, rows=False)
+        mt_wr, releases = self._capture(job, chans, memtiles, mcfg)
+        gates = self._memtile_gates(job, chans, mcfg, releases)
         # routing: which tile S2MM channel gets which packet (in channel order)
-        dest: dict[tuple[int, int], list[list[tuple[tuple[int, int], int]]]] = {}
+        dest: dict[tuple, list[list[tuple[tuple[int, int], int, int]]]] = {}
         inputs = {(r, c): {ch: [] for ch in range(N_S2MM)} for r in range(R) for c in range(C)}
-        for (c, ch), chan in chans.items():
-            dest[(c, ch)] = []
+        for key, chan in chans.items():
+            c = chan.col
+            dest[key] = []
             for pk in chan.packets:
                 d = []
-                if pk.header >> rf.col & 1:
+                if pk.header >> rf.col & 1 or not chan.rows:
                     for r in range(R):
                         if pk.header >> (rf.tile + r) & 1:
-                            d.append(((r, c), 1 + ch % 2))
+                            d.append(((r, c), 1 + chan.bus))
                 for r in range(R):
-                    if pk.header >> (rf.row + r) & 1:
+                    if chan.rows and pk.header >> (rf.row + r) & 1:
                         d += [((r, cc), 0) for cc in range(C)]
                 dd = []
                 for tkey, tch in d:
                     dd.append((tkey, tch, len(inputs[tkey][tch])))
                     inputs[tkey][tch].append(pk)
-                dest[(c, ch)].append(dd)
+                dest[key].append(dd)
         # iterate: packet start times <- tiles' acquire times <- packet arrival times
         avail: dict = {}
         prev = None
@@ -406,7 +453,7 @@ class OverlayModel:
         seen: dict = {}                      # tile -> (arrivals, its avail entries)
         for it in range(1, _MAX_ITERATIONS + 1):
             n_iter = it
-            self._time_packets(chans, dest, avail, step, lat)
+            self._time_packets(chans, dest, avail, gates, releases)
             avail_new: dict = {}
             for tp in job.tiles:
                 key = (tp.r, tp.c)
@@ -464,8 +511,99 @@ class OverlayModel:
                     raise RuntimeError(f"tile {key} ends the job with lock {i} at {v}, not at "
                                        f"its initial {tp.locks.get(i, 0)}")
         res = JobResult(int(np.ceil(end)), rd_words, wr_words,
-                        {k: int(r.cycles) for k, r in runs.items()}, n_iter)
+                        {k: int(r.cycles) for k, r in runs.items()}, n_iter, mt_rd, mt_wr)
         return ddr, res
+
+    def _capture(self, job, chans: dict, memtiles: dict[int, np.ndarray],
+                 mcfg) -> tuple[int, dict]:
+        """Write what the shim read channels send to the memtiles (packets with the header's
+        ``mt`` bit, header included, in stream order, through the memtile S2MM channel of the
+        read channel's number) with that channel's BDs. Returns the words written and the
+        memtile lock releases: ``(read channel key, packet) -> [((column, lock), value)]``,
+        released when that packet has landed (the last word of the BD's). The memtile takes a
+        word a cycle, faster than DDR, so capturing costs no time."""
+        rf = route_fields(self.cfg)
+        written = 0
+        releases: dict = {}
+        for c, per in getattr(job, "memtile_bds", {}).items():
+            for ch, bds in per.items():
+                if ch >= mcfg.s2mm or not bds:
+                    continue
+                chan = chans.get((c, ch))
+                got, owner = [], []
+                for p, pk in enumerate(chan.packets if chan is not None else ()):
+                    if pk.header >> rf.mt & 1:
+                        got.append(np.concatenate([np.array([pk.header], np.uint64),
+                                                   pk.words]))
+                        owner += [p] * (1 + len(pk.words))
+                stream = np.concatenate(got) if got else np.zeros(0, np.uint64)
+                pos, i, seen = 0, 0, 0
+                while i is not None:
+                    bd = bds[i]
+                    addrs, _ = bd_addresses(bd)
+                    n = len(addrs)
+                    if pos + n > len(stream):
+                        raise DeadlockError(f"memtile {c} S2MM {ch} BD {i} waits for "
+                                            f"{pos + n - len(stream)} words no packet brings")
+                    if int(addrs.max(initial=0)) >= memtiles[c].size:
+                        raise ValueError(f"memtile {c} S2MM {ch} BD {i} writes word "
+                                         f"{int(addrs.max())}, beyond its "
+                                         f"{memtiles[c].size} words")
+                    memtiles[c][addrs] = stream[pos:pos + n]
+                    pos += n
+                    if bd.release is not None and n:
+                        releases.setdefault(((c, ch), owner[pos - 1]), []).append(
+                            ((c, bd.release.id), bd.release.value))
+                    written += n
+                    i = bd.next_bd
+                    seen += 1
+                    if seen > len(bds):
+                        raise ValueError(f"memtile {c} S2MM {ch}: its BD chain loops")
+                if pos != len(stream):
+                    raise DeadlockError(f"memtile {c} S2MM {ch}: {len(stream) - pos} captured "
+                                        f"words find no BD (the read channel would stall)")
+        for (c, ch), chan in [(k, v) for k, v in chans.items() if len(k) == 2]:
+            mine = getattr(job, "memtile_bds", {}).get(c, {}).get(ch)
+            if not mine and any(pk.header >> rf.mt & 1 for pk in chan.packets):
+                raise DeadlockError(f"column {c} read channel {ch} sends packets to the "
+                                    f"memtile, whose S2MM channel {ch} has no BDs")
+        return written, releases
+
+    def _memtile_gates(self, job, chans: dict, mcfg, releases: dict) -> dict:
+        """The memtile MM2S BDs that acquire a lock: ``(channel key, first packet of the BD) ->
+        ((column, lock), value the lock must have received in all)``. Checks that every lock
+        a job's memtile BDs use ends the job as it started (released as much as acquired)."""
+        gates: dict = {}
+        acquired: dict = {}
+        for c, per in getattr(job, "memtile_bds", {}).items():
+            for ch, bds in per.items():
+                if ch < mcfg.s2mm or not bds:
+                    continue
+                key = (c, "mt", ch - mcfg.s2mm)
+                starts = np.cumsum([0] + [1 + len(pk.words) for pk in chans[key].packets])
+                off, i, seen = 0, 0, 0
+                while i is not None:
+                    bd = bds[i]
+                    if bd.acquire is not None:
+                        lk = (c, bd.acquire.id)
+                        acquired[lk] = acquired.get(lk, 0) + bd.acquire.value
+                        p = int(np.searchsorted(starts, off))
+                        gates[(key, p)] = (lk, acquired[lk])
+                    off += bd.n_elements
+                    i = bd.next_bd
+                    seen += 1
+                    if seen > len(bds):
+                        raise ValueError(f"memtile {c} MM2S {ch}: its BD chain loops")
+        released: dict = {}
+        for rels in releases.values():
+            for lk, v in rels:
+                released[lk] = released.get(lk, 0) + v
+        for lk in acquired.keys() | released.keys():
+            if acquired.get(lk, 0) != released.get(lk, 0):
+                raise DeadlockError(f"memtile {lk[0]} lock {lk[1]}: the job releases it "
+                                    f"{released.get(lk, 0)} times and acquires it "
+                                    f"{acquired.get(lk, 0)} times")
+        return gates
 
     def _run_tile(self, job, tp, inputs: dict, avail: dict, tile_model: TileModel):
         """Run tile ``tp``'s program with its datamover channels (the packets' arrival times
@@ -482,13 +620,14 @@ class OverlayModel:
         run = tile_model.run(tp.program, mem, locks=locks, lock_hook=env)
         return env, run, mem
 
-    def _time_packets(self, chans, dest, avail, step, lat) -> None:
+    def _time_packets(self, chans, dest, avail, gates=None, releases=None) -> None:
         """Arrival times of every packet, by a fluid simulation of the read side.
 
         * A read channel reads its packets from DDR in order into its FIFO
           (:attr:`~tilewright.hw.config.DdrConfig.read_fifo_words` words) as long as the FIFO
           has room: its first DDR read waits ``lat`` cycles (one task per channel), then a
-          word takes ``step`` cycles (padding one).
+          word takes ``step`` cycles (padding one). A memtile MM2S channel is the same with
+          its own latency, a word a cycle and a small buffer.
         * The row buses and the column buses are packet-level round-robin merges of the read
           channels that feed them (:class:`~tilewright.hw.packet.PacketMerge`): a packet
           holds its buses from its header to its last word, and the other channels' packets
@@ -499,9 +638,14 @@ class OverlayModel:
         * A tile's data-memory port takes one word per cycle, round robin over its channels:
           the packets streaming into a tile at the same time share it (max-min fair), and a
           broadcast packet runs at the pace of its slowest tile.
+        * A memtile MM2S BD that acquires a memtile lock (``gates``) starts once the packets
+          that release it (``releases``: a read channel's tokens) have landed.
         """
+        gates = gates or {}
+        releases = releases or {}
+        lock_count: dict = {}
+        waiting: dict = {}                               # lock -> gated requests
         eps = 1e-9
-        depth = float(self.cfg.ddr.read_fifo_words)
         req: list = []                                   # (cycle, order, channel, packet)
         order = 0
         # per channel: packet boundaries in stream words, DDR pace of each packet, words read
@@ -512,11 +656,15 @@ class OverlayModel:
         sent: dict = {}
         for key, chan in chans.items():
             if chan.packets:
-                req.append((float(lat), order, key, 0))
-                order += 1
+                gate = gates.get((key, 0))
+                if gate is not None and gate[1] > 0:
+                    waiting.setdefault(gate[0], []).append((key, 0))
+                else:
+                    req.append((float(chan.lat), order, key, 0))
+                    order += 1
             sizes = [r + p for r, p in chan.cost]
             bounds[key] = np.cumsum(sizes).tolist()
-            pace[key] = [(r + p) / (r * step + p) if r + p else 1.0 for r, p in chan.cost]
+            pace[key] = [(r + p) / (r * chan.step + p) if r + p else 1.0 for r, p in chan.cost]
             read[key] = 0.0
             sent[key] = 0.0
         heapq.heapify(req)
@@ -529,7 +677,7 @@ class OverlayModel:
 
         def grab(item) -> bool:
             _, _, key, p = item
-            buses = self._buses(key, chans[key].packets[p].header)
+            buses = self._buses(chans[key], chans[key].packets[p].header)
             if any(b in held for b in buses):
                 return False
             held.update(buses)
@@ -554,7 +702,8 @@ class OverlayModel:
             rates = _fair_rates(active)
             prod: dict = {key: 0.0 for key in chans}
             t_next = float("inf")
-            for key in chans if now + eps >= lat else ():
+            for key in [k for k, ch in chans.items() if now + eps >= ch.lat]:
+                depth = float(chans[key].depth)
                 pc, i = reading[key]
                 fk = streaming.get(key)
                 out = rates[fk] if fk is not None else 0.0
@@ -567,8 +716,9 @@ class OverlayModel:
                     t_next = min(t_next, now + level / -dl)
                 elif dl > eps and level < depth - eps:
                     t_next = min(t_next, now + (depth - level) / dl)
-            if now + eps < lat:
-                t_next = min(t_next, float(lat))
+            for ch in chans.values():
+                if now + eps < ch.lat:
+                    t_next = min(t_next, float(ch.lat))
             if req:
                 t_next = min(t_next, req[0][0])
             if starting:
@@ -595,9 +745,23 @@ class OverlayModel:
                 read[key] = max(read[key], sent[key])
                 chans[key].packets[p].end = now + _PIPE_IN
                 held.difference_update(f["buses"])
+                for lk, v in releases.get(fk, ()):
+                    lock_count[lk] = lock_count.get(lk, 0) + v
+                    still = []
+                    for wk, wp in waiting.get(lk, []):
+                        if lock_count[lk] >= gates[(wk, wp)][1]:
+                            heapq.heappush(req, (max(now, float(chans[wk].lat)), order, wk, wp))
+                            order += 1
+                        else:
+                            still.append((wk, wp))
+                    waiting[lk] = still
                 if p + 1 < len(chans[key].packets):
-                    heapq.heappush(req, (now, order, key, p + 1))
-                    order += 1
+                    gate = gates.get((key, p + 1))
+                    if gate is not None and lock_count.get(gate[0], 0) < gate[1]:
+                        waiting.setdefault(gate[0], []).append((key, p + 1))
+                    else:
+                        heapq.heappush(req, (now, order, key, p + 1))
+                        order += 1
             while req and req[0][0] <= now + eps:
                 blocked.append(heapq.heappop(req))
             blocked.sort(key=lambda x: (x[0], x[1]))
@@ -610,13 +774,18 @@ class OverlayModel:
                     "rem": float(real + pad), "cap": 1.0,
                     "tiles": {tkey for tkey, _, _ in dest[key][p]}, "buses": buses}
                 streaming[key] = (key, p)
+        if any(waiting.values()):
+            lk = next(k for k, v in waiting.items() if v)
+            raise DeadlockError(f"memtile {lk[0]} MM2S waits on lock {lk[1]}, which no packet "
+                                f"releases")
 
-    def _buses(self, key: tuple[int, int], header: int) -> list[tuple]:
-        """The merged buses a packet of read channel ``key = (column, channel)`` holds."""
+    def _buses(self, chan: _Channel, header: int) -> list[tuple]:
+        """The merged buses a packet of read channel ``chan`` holds."""
         rf = route_fields(self.cfg)
-        c, ch = key
         out: list[tuple] = []
-        if header >> rf.col & 1:
-            out.append(("col", c, ch % 2))
-        out += [("row", r) for r in range(self.cfg.array.rows) if header >> (rf.row + r) & 1]
+        if header >> rf.col & 1 or not chan.rows:
+            out.append(("col", chan.col, chan.bus))
+        if chan.rows:
+            out += [("row", r) for r in range(self.cfg.array.rows)
+                    if header >> (rf.row + r) & 1]
         return out

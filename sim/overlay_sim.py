@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tilewright.hw.config import OverlayConfig
-from tilewright.hw.overlay import STATUS_BITS
+from tilewright.hw.overlay import STATUS_BITS, array_memtile
 from tilewright.hw.tileunit import N_LOCK_PORTS
 
 from .verilator import (
@@ -49,7 +49,8 @@ _LOCK_PORT_NAMES = ("core", "s2mm0", "s2mm1", "s2mm2", "mm2s0", "mm2s1")
 @dataclass(frozen=True)
 class CfgRecord:
     """One configuration write: ``kind`` (see :data:`tilewright.hw.overlay.CFG_KINDS`),
-    ``unit`` (tile ``r * cols + c`` or shim ``rows * cols + c``), channel, address, data."""
+    ``unit`` (tile ``r * cols + c``, shim ``rows * cols + c``, memtile ``rows * cols + cols +
+    c``: :func:`tilewright.hw.overlay.unit_of`), channel, address, data."""
 
     kind: int
     unit: int
@@ -136,7 +137,7 @@ def overlay_harness_parameters(cfg: OverlayConfig) -> dict[str, int]:
     return {
         "NRD": C * cfg.ddr.read_channels,
         "NWR": C * cfg.ddr.write_channels,
-        "NUNITS": R * C + C,
+        "NUNITS": R * C + 2 * C,
         "WORD_BITS": cfg.tile.word_bits,
         "CFG_BITS": top.cfg_bits,
         "DDR_WORDS_LOG2": DDR_WORDS_LOG2,
@@ -224,6 +225,14 @@ def _waits(cfg: OverlayConfig, status: list[int]) -> list[str]:
                 kind = ("read" if k < cfg.ddr.read_channels else "write")
                 out.append(f"shim({c}) {kind} channel {k % cfg.ddr.read_channels} is busy, "
                            f"waiting on its stream")
+    mt = array_memtile(cfg)
+    for c, st in enumerate(status[R * C + C:R * C + 2 * C]):
+        busy = st >> 4
+        for k in range(mt.s2mm + mt.mm2s):
+            if busy >> k & 1:
+                kind = "S2MM" if k < mt.s2mm else "MM2S"
+                out.append(f"memtile({c}) {kind} channel {k if k < mt.s2mm else k - mt.s2mm} "
+                           f"is busy, waiting on its stream or a lock")
     return out
 
 
@@ -272,7 +281,7 @@ def run_overlay_jobs(cfg: OverlayConfig, jobs: Sequence[OverlayJob], *,
         job_list.append({"timeout_cycles": job.timeout_cycles,
                          "watchdog_cycles": job.watchdog_cycles,
                          "dump_lo": lo, "dump_hi": hi - 1, "cfg_records": len(job.records)})
-    spec = {"job_list": job_list, "units": cfg.array.rows * cfg.array.cols + cfg.array.cols}
+    spec = {"job_list": job_list, "units": cfg.array.rows * cfg.array.cols + 2 * cfg.array.cols}
     failure, report, run.process_wall_s = run_job_batch(
         bdir, top=HARNESS_TOP, test_module=TB_MODULE, run_dir=rdir, spec=spec, indent=1)
     problems = []

@@ -55,7 +55,7 @@ import numpy as np
 from tilewright.hw.bd import BufferDescriptor, LockAction
 from tilewright.hw.config import OverlayConfig
 from tilewright.hw.isa import INDEX_PER_WORD, Param, param_range
-from tilewright.hw.overlay import CFG_KINDS, route_fields
+from tilewright.hw.overlay import CFG_KINDS, array_memtile, route_fields
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.asm import Program
 from tilewright.sw.quantize import block_mask
@@ -90,6 +90,8 @@ ACT_LOCKS = (LOCK_IN, 11, 12, 13, 14, 15)
 #: Tile DMA channel numbers (``bd_ch``): S2MM 1/2 the weight buses, then MM2S (channel 0,
 #: the activation writer, takes no BDs).
 CH_W = (1, 2)
+#: Memtile locks: a replayed weight stream of column bus ``j`` waits on ``MT_LOCKS[j]``.
+MT_LOCKS = (0, 1)
 CH_OUT = (N_S2MM, N_S2MM + 1)
 #: Buffer descriptors per tile channel (TileUnit default).
 TILE_BDS = 16
@@ -236,6 +238,14 @@ class ArrayJob:
         Per tile row, its output rectangle ``(h0, h1, w0, w1)``.
     chunks : list[list[Chunk]]
         Per column, its weight chunks in stream order.
+    memtile_bds : dict[int, dict[int, list[BufferDescriptor]]]
+        Per column, per memtile channel (S2MM ``0..``, then MM2S; see
+        :func:`tilewright.hw.overlay.array_memtile`), its BDs. A job either captures a
+        column's weight streams into its memtile (the packets carry the header's ``mt`` bit;
+        S2MM channel ``k`` takes what read channel ``k`` sends) or replays streams an earlier
+        job of the layer captured (MM2S channel ``j`` into column bus ``j``), never both.
+    memtile_use : dict[int, str]
+        Per column that uses its memtile: ``"capture"`` or ``"replay"``.
     """
 
     index: int
@@ -244,6 +254,8 @@ class ArrayJob:
     col_rows: list[list[int]]
     row_ranges: list[tuple[int, int, int, int]]
     chunks: list[list[Chunk]]
+    memtile_bds: dict[int, dict[int, list[BufferDescriptor]]] = field(default_factory=dict)
+    memtile_use: dict[int, str] = field(default_factory=dict)
 
     def records(self, cfg: OverlayConfig) -> list:
         """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
@@ -263,13 +275,15 @@ class ArrayJob:
                         for i, bd in enumerate(bds)]
                 if bds:
                     tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
-        for c, chans in sorted(self.shim_bds.items()):
-            u = R * C + c
-            for ch, bds in sorted(chans.items()):
-                out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, _encode(bd))
-                        for i, bd in enumerate(bds)]
-                if bds:
-                    tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
+        # memtiles before shims: a capturing S2MM channel is ready before its packets come
+        for base, units in ((R * C + C, self.memtile_bds), (R * C, self.shim_bds)):
+            for c, chans in sorted(units.items()):
+                u = base + c
+                for ch, bds in sorted(chans.items()):
+                    out += [CfgRecord(CFG_KINDS["bd"], u, ch, i, _encode(bd))
+                            for i, bd in enumerate(bds)]
+                    if bds:
+                        tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
         return out + tasks
 
 
@@ -722,7 +736,8 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
 
 
 def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
-                       name: str | None = None, place: Placement | None = None) -> ArrayLayer:
+                       name: str | None = None, place: Placement | None = None,
+                       memtile: bool = True) -> ArrayLayer:
     """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
 
     Parameters
@@ -735,6 +750,10 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     place : Placement, optional
         Compile for a network's DDR image: the input and output at the given addresses (not
         in :attr:`ArrayLayer.ddr`), the headers and weight streams from ``place.streams``.
+    memtile : bool
+        Where several runs stream a column the same weights, the first captures them into
+        the column's memtile and the others replay them from there (:func:`_memtile_plan`);
+        False: every run reads them from DDR.
 
     Raises
     ------
@@ -810,6 +829,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     jobs: list[ArrayJob] = []
     wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
+    mt_plan = _memtile_plan(jobs_spec, cfg) if memtile else [{} for _ in jobs_spec]
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
         # as many activation parts as the shim's BDs allow (more parts: the cores start
         # sooner)
@@ -817,7 +837,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
             mark = img.mark()
             try:
                 job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
-                                 in_base, out_base, img.put, n_act, wlines)
+                                 in_base, out_base, img.put, n_act, wlines, mt_plan[ji])
                 break
             except _ShimBdsShort:
                 img.rollback(mark)
@@ -941,13 +961,13 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
                chunks: list[list[Chunk]], layout: list[tuple[int, int, int, int]], rf,
                in_base: int, out_base: int, put, n_act_parts: int,
-               wlines: list[np.ndarray]) -> ArrayJob:
+               wlines: list[np.ndarray],
+               mt_use: dict[int, tuple[str, tuple[int, int]]]) -> ArrayJob:
     t = cfg.tile
     b = t.block
     R, C = cfg.array.rows, cfg.array.cols
     mask = block_mask(layer.weight, b)
-    active_rows = [r for r in range(R) if row_ranges[r][1] > row_ranges[r][0]
-                   and row_ranges[r][3] > row_ranges[r][2]]
+    active_rows = _active_rows(row_ranges)
     tile_mask = sum(1 << r for r in active_rows)
 
     # ---- weight packets: chunk k into buffer k % 2, its first half on bus 0, the second
@@ -970,8 +990,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             body += [wlines[g][j0 * blk:j1 * blk] for g, j0, j1 in chk.pieces]
             payload = _words_of(np.concatenate(body), b)
             assert payload.size == chk.words
+            capture = mt_use.get(c, ("",))[0] == "capture"
             for bus, (off, n) in enumerate(chk.parts(b)):
-                hdr = np.array([n | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64)
+                hdr = np.array([n | (1 << rf.col) | (tile_mask << rf.tile)
+                                | (capture << rf.mt)], np.uint64)
                 wpk.setdefault((c, bus), []).append(
                     (k, np.concatenate([hdr, payload[off:off + n]])))
             chunk_at[c].append(len(seq[c]))
@@ -1042,7 +1064,15 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     cuts = groups_max <= t.acc_depth
     # ---- each read channel streams its activation parts and weight packets in the order
     # the cores need them; consecutive weight packets are one DDR run ------------------------
+    memtile_bds: dict[int, dict[int, list[BufferDescriptor]]] = {}
+    mcfg = array_memtile(cfg)
+    for c, (use, bases) in mt_use.items():
+        for bus in (0, 1):
+            words = sum(w.size for _, w in wpk.get((c, bus), []))
+            if words and use == "capture":
+                memtile_bds.setdefault(c, {})[bus] = _chain(_linear_bds(bases[bus], words))
     for c in range(C):
+        replay = mt_use.get(c, ("",))[0] == "replay"
         for ch in (0, 1):
             # by the latest cycle each can start streaming and still arrive in time: when
             # the cores need it (a block takes `step` cycles) less its time on the channel
@@ -1068,16 +1098,37 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 acts = later
                 items.append((0, w))
             items += [(1, a[3]) for a in acts]
+            # consecutive weight packets are one DDR run; a column replaying its weights from
+            # the memtile reads only a token from DDR instead, a header-only packet for the
+            # memtile whose landing releases the memtile lock the run's replay acquires, so
+            # that the replayed weights leave the memtile in the order of this stream (not
+            # all at once, taking the tiles' memory ports from the activation parts)
+            grouped: list[tuple[int, list]] = []
+            for is_act, it in items:
+                if not is_act and grouped and not grouped[-1][0]:
+                    grouped[-1][1].append(it)
+                else:
+                    grouped.append((is_act, it if is_act else [it]))
+            runs = [sum(x.size for x in it) for is_act, it in grouped if not is_act]
+            n_groups = 0
+            if replay and runs:
+                replay_bds, n_groups = _replay_bds(mt_use[c][1][ch], runs, ch, mcfg,
+                                                   cfg.memtile.bytes // b - 1)
+                memtile_bds.setdefault(c, {})[mcfg.s2mm + ch] = replay_bds
+                memtile_bds[c][ch] = _chain([BufferDescriptor(
+                    cfg.memtile.bytes // b - 1, (1,), (1,),
+                    release=LockAction(MT_LOCKS[ch], 1))] * n_groups)
             bds: list[BufferDescriptor] = []
-            run: list[np.ndarray] = []
-            for is_act, it in [*items, (1, [])]:
-                if not is_act:
-                    run.append(it)
+            n_run = 0
+            for is_act, it in grouped:
+                if is_act:
+                    bds += it
                     continue
-                if run:
-                    bds += _linear_bds(put(np.concatenate(run)), sum(x.size for x in run))
-                    run = []
-                bds += it
+                if not replay:
+                    bds += _linear_bds(put(np.concatenate(it)), sum(x.size for x in it))
+                elif n_run < n_groups:
+                    bds += _linear_bds(put(np.array([1 << rf.mt], np.uint64)), 1)
+                n_run += 1
             if len(bds) > cfg.ddr.bds_per_channel:
                 raise _ShimBdsShort(f"layer {layer.name!r}: column {c} read channel {ch} "
                                     f"needs {len(bds)} BDs, the shim has "
@@ -1209,7 +1260,84 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)
-    return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks)
+    return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks, memtile_bds,
+                    {c: use for c, (use, _) in mt_use.items()})
+
+
+def _replay_bds(base: int, runs: list[int], bus: int, mcfg, scratch: int
+                ) -> tuple[list[BufferDescriptor], int]:
+    """The memtile MM2S BDs replaying a bus's weight stream (from memtile word ``base``, its
+    DDR runs ``runs`` words each) and how many tokens pace them: one BD group per run, each
+    acquiring the bus's memtile lock once, as many as the channel's BDs allow (the last
+    group then takes the remaining runs too)."""
+    assert base + sum(runs) <= scratch
+    for n_groups in range(len(runs), 0, -1):
+        sizes = [*runs[:n_groups - 1], sum(runs[n_groups - 1:])]
+        out: list[BufferDescriptor] = []
+        off = base
+        for n in sizes:
+            piece = _linear_bds(off, n)
+            first = piece[0]
+            piece[0] = BufferDescriptor(first.base, first.sizes, first.strides,
+                                        acquire=LockAction(MT_LOCKS[bus], 1))
+            out += piece
+            off += n
+        if len(out) <= mcfg.bds_per_channel:
+            return _chain(out), n_groups
+    raise ValueError(f"a weight stream of {sum(runs)} words needs more than the memtile's "
+                     f"{mcfg.bds_per_channel} BDs a channel")
+
+
+def _active_rows(row_ranges: list[tuple[int, int, int, int]]) -> list[int]:
+    """The tile rows with a non-empty output rectangle."""
+    return [r for r, (h0, h1, w0, w1) in enumerate(row_ranges) if h1 > h0 and w1 > w0]
+
+
+def _memtile_plan(jobs_spec, cfg: OverlayConfig) -> list[dict[int, tuple[str, tuple[int, int]]]]:
+    """Per job, the columns that capture their weight streams into the memtile or replay them
+    from it: ``{column: ("capture" | "replay", (memtile word of bus 0's stream, of bus 1's))}``.
+
+    Two runs stream a column the same weight packets when they give it the same chunks and
+    the same active tile rows (runs over parts of the output rows). The first run of such a
+    group captures them (the packets read from DDR also go into the memtile, headers and all)
+    and the others replay them: their weights come from the memtile at a word a cycle on
+    each column bus, and the column's DDR channels carry only activations. A group whose
+    streams do not fit what is left of the memtile reads them from DDR every time."""
+    b = cfg.tile.block
+    mt = array_memtile(cfg)
+    if mt.s2mm < 2 or mt.mm2s < 2:
+        return [{} for _ in jobs_spec]
+    capacity = cfg.memtile.bytes // b - 1          # the last word: the tokens' landing place
+    keys = []
+    for tile_ranges, _col_rows, chunks, _layout in jobs_spec:
+        rows = tuple(_active_rows(tile_ranges))
+        keys.append([(c, rows, tuple((tuple(k.pieces), k.q_words, k.w_words) for k in ch))
+                     if ch else None for c, ch in enumerate(chunks)])
+    count: dict = {}
+    for per in keys:
+        for key in per:
+            if key is not None:
+                count[key] = count.get(key, 0) + 1
+    used = [0] * cfg.array.cols
+    stored: dict = {}
+    plan: list[dict[int, tuple[str, tuple[int, int]]]] = []
+    for (_tr, _cr, chunks, _lay), per in zip(jobs_spec, keys, strict=True):
+        mine: dict[int, tuple[str, tuple[int, int]]] = {}
+        for c, key in enumerate(per):
+            if key is None or count[key] < 2:
+                continue
+            if key in stored:
+                mine[c] = ("replay", stored[key])
+                continue
+            words = [sum(1 + part[1] for k in chunks[c] for part in k.parts(b)[bus:bus + 1])
+                     for bus in (0, 1)]
+            if used[c] + sum(words) > capacity:
+                continue
+            stored[key] = (used[c], used[c] + words[0])
+            used[c] += sum(words)
+            mine[c] = ("capture", stored[key])
+        plan.append(mine)
+    return plan
 
 
 def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:

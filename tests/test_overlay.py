@@ -131,6 +131,61 @@ def test_model_multi_job_layer():
     assert np.array_equal(res.output, reference_output(layer, x)), "seed 11"
 
 
+BIG = ("big", 48, 40, (3, 3), 1, (1, 1), 20, True)     # two runs over output rows on tiny-2x2
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_model_memtile_replays_weights(sparsity):
+    """Runs that stream a column the same weights: the first captures them into the column's
+    memtile, the others replay them from there. Every replayed word is a DDR read saved (less
+    one token a group), the output stays exact and the runs are no slower."""
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(BIG, sparsity, cfg.tile.block, 12)
+    plain = compile_conv_array(layer, x, cfg, memtile=False)
+    al = compile_conv_array(layer, x, cfg)
+    assert len(al.jobs) == 2
+    assert al.jobs[0].memtile_use == {0: "capture", 1: "capture"}
+    assert al.jobs[1].memtile_use == {0: "replay", 1: "replay"}
+    model = OverlayModel(cfg)
+    want = reference_output(layer, x)
+    res, ref = model.run_layer(al), model.run_layer(plain)
+    assert np.array_equal(res.output, want) and np.array_equal(ref.output, want), "seed 12"
+    cap, rep = res.jobs
+    tokens = rep.mt_wr_words                      # a replaying job writes only its tokens
+    assert 0 < tokens <= 4 * cfg.memtile.bds_per_channel
+    assert rep.mt_rd_words == cap.mt_wr_words > 0
+    assert ref.rd_words - res.rd_words == rep.mt_rd_words - tokens
+    assert res.cycles <= ref.cycles * 1.01, (res.cycles, ref.cycles)
+
+
+def test_memtile_plan_needs_room_and_repeats():
+    """No memtile use for a single run, nor for weights larger than the memtile."""
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(LAYERS[0], 0.0, cfg.tile.block, 13)
+    assert all(not j.memtile_use and not j.memtile_bds
+               for j in compile_conv_array(layer, x, cfg).jobs)
+    small = dataclasses.replace(cfg, memtile=dataclasses.replace(cfg.memtile, bytes=4096))
+    layer, x = _layer(BIG, 0.0, cfg.tile.block, 13)
+    al = compile_conv_array(layer, x, small)
+    assert len(al.jobs) == 2 and all(not j.memtile_use for j in al.jobs)
+    res = OverlayModel(small).run_layer(al)
+    assert np.array_equal(res.output, reference_output(layer, x)), "seed 13"
+
+
+def test_model_memtile_capture_without_bds_deadlocks():
+    """Packets for a memtile S2MM channel without BDs stall their read channel: the model
+    says so rather than dropping them."""
+    from tilewright.sim.golden import DeadlockError
+
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(BIG, 0.0, cfg.tile.block, 14)
+    al = compile_conv_array(layer, x, cfg)
+    del al.jobs[0].memtile_bds[0][1]
+    with pytest.raises(DeadlockError, match="column 0 read channel 1 sends packets to the "
+                                            "memtile"):
+        OverlayModel(cfg).run_layer(al)
+
+
 def test_model_balances_columns():
     """Procrustes-style dealing: every column gets about the same number of non-zero blocks."""
     cfg = _cfg("aie2-4x4")
@@ -229,9 +284,13 @@ def test_generate_overlay(tmp_path):
     man = generate_overlay(cfg, tmp_path)
     names = {m["name"]: m for m in man["modules"]}
     assert names["tw_tileunit"]["instances"] == 6 and names["tw_shim"]["instances"] == 3
+    assert names["tw_memtile"]["instances"] == 3
+    assert man["memtile"]["s2mm"] == 2 and man["memtile"]["mm2s"] == 2
+    assert man["units"]["memtile"] == [9, 11]
     top = (tmp_path / "tw_overlay.v").read_text()
     # each distinct module generated once, instantiated by name
     assert top.count("tw_tileunit ") == 6 and "module tw_tileunit" not in top
+    assert top.count("tw_memtile ") == 3 and "module tw_memtile" not in top
     assert json.loads((tmp_path / "overlay_manifest.json").read_text()) == man
 
 
@@ -281,6 +340,53 @@ def test_overlay_rtl_bit_exact():
         if rtl > 1000:
             assert abs(rtl - res.cycles) <= 0.1 * rtl, \
                 f"case {k}: RTL {rtl} cycles, model {res.cycles}"
+
+
+@pytest.mark.verilator
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_overlay_rtl_memtile_replay(sparsity):
+    """The memtile in the generated array: a two-run layer whose second run replays the
+    weights the first captured. RTL output == reference, DDR reads == the model's and fewer
+    than without the memtile, cycles within 2 % of the model."""
+    from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
+
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(BIG, sparsity, cfg.tile.block, 15)
+    want = reference_output(layer, x)
+    reads = {}
+    for mt in (False, True):
+        al = compile_conv_array(layer, x, cfg, memtile=mt)
+        assert any(j.memtile_use for j in al.jobs) == mt
+        lo, n = al.out_region
+        run = run_overlay_jobs(cfg, [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n))
+                                     for j in al.jobs])
+        got = al.read_output(al.merge_outputs([r.ddr_out for r in run]))
+        assert np.array_equal(got.reshape(want.shape), want), f"memtile {mt}, seed 15"
+        res = OverlayModel(cfg).run_layer(al)
+        reads[mt] = sum(r.rd_words for r in run)
+        assert reads[mt] == res.rd_words
+        rtl = sum(r.cycles for r in run)
+        assert abs(rtl - res.cycles) <= 0.02 * rtl, (mt, rtl, res.cycles)
+    assert reads[True] < 0.8 * reads[False], reads
+
+
+@pytest.mark.verilator
+def test_overlay_watchdog_reports_memtile_wait():
+    """A replaying memtile channel whose tokens find no S2MM BD: the read channel stalls, and
+    the watchdog's report names the memtile channel waiting for its lock."""
+    from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
+    from tilewright.sim.verilator import RtlSimError
+
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(BIG, 0.0, cfg.tile.block, 16)
+    al = compile_conv_array(layer, x, cfg)
+    job = al.jobs[1]
+    assert job.memtile_use[0] == "replay"
+    del job.memtile_bds[0][0]                     # no BD takes column 0 bus 0's tokens
+    lo, n = al.out_region
+    with pytest.raises(RtlSimError, match=r"stalled.*memtile\(0\) MM2S channel 0 is busy"):
+        run_overlay_jobs(cfg, [OverlayJob(al.ddr, j.records(cfg), (lo, lo + n),
+                                          watchdog_cycles=2000) for j in al.jobs])
 
 
 @pytest.mark.verilator
