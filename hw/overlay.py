@@ -101,14 +101,17 @@ class RouteFields:
 
 
 def array_memtile(cfg: OverlayConfig) -> MemtileConfig:
-    """The memtile the generated array holds per column: the configured memory, banks, BDs
-    and locks, with the channels the stream network wires (at most the configured ones):
+    """The memtile the generated array holds per column: the configured memory, BDs and
+    locks, with the channels the stream network wires (at most the configured ones):
     an S2MM channel per shim read channel (what that channel reads with the header's ``mt``
     bit set) and an MM2S channel per column bus (memtile MM2S ``j`` streams into column bus
-    ``j``)."""
+    ``j``), and as many banks as those channels need to be served every cycle (at most the
+    configured ones: banks cost simulation speed, 17 381 against 21 258 cycles/s on aie2-4x4
+    with 16 banks instead of 4)."""
     mt = cfg.memtile
-    return dataclasses.replace(mt, s2mm=min(mt.s2mm, cfg.ddr.read_channels),
-                               mm2s=min(mt.mm2s, 2))
+    s2mm, mm2s = min(mt.s2mm, cfg.ddr.read_channels), min(mt.mm2s, 2)
+    banks = min(mt.banks, 1 << (s2mm + mm2s - 1).bit_length())
+    return dataclasses.replace(mt, s2mm=s2mm, mm2s=mm2s, banks=banks)
 
 
 def unit_of(cfg: OverlayConfig, kind: str, index: int) -> int:
