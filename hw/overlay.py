@@ -341,38 +341,29 @@ class Overlay(wiring.Component):
                     m.d.comb += ready.eq(t.dm_ready)
                 with m.If(kind == CFG_KINDS["task"]):
                     m.d.comb += ready.eq(t.task.ready)
-        for c, s in enumerate(shims):
-            u = R * C + c
+        # shims and memtiles take BDs and tasks the same way (memtiles locks as well)
+        dma_units = [(R * C + c, s, SHIM_CH_BITS) for c, s in enumerate(shims)]
+        dma_units += [(R * C + C + c, mt, MT_CH_BITS) for c, mt in enumerate(mts)]
+        for u, unit, ch_bits in dma_units:
             sel = self.cfg_we & (self.cfg_unit == u)
             m.d.comb += [
-                s.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
-                s.bd_ch.eq(self.cfg_ch[:SHIM_CH_BITS]),
-                s.bd_addr.eq(self.cfg_addr),
-                s.bd_wdata.eq(self.cfg_data[:BD_BITS]),
-                s.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
-                s.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS],
-                                      self.cfg_ch[:SHIM_CH_BITS])),
+                unit.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
+                unit.bd_ch.eq(self.cfg_ch[:ch_bits]),
+                unit.bd_addr.eq(self.cfg_addr),
+                unit.bd_wdata.eq(self.cfg_data[:BD_BITS]),
+                unit.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
+                unit.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS], self.cfg_ch[:ch_bits])),
             ]
             with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
-                m.d.comb += ready.eq(s.task.ready)
+                m.d.comb += ready.eq(unit.task.ready)
         for c, mt in enumerate(mts):
-            u = R * C + C + c
-            sel = self.cfg_we & (self.cfg_unit == u)
             m.d.comb += [
-                mt.bd_we.eq(sel & (kind == CFG_KINDS["bd"])),
-                mt.bd_ch.eq(self.cfg_ch[:MT_CH_BITS]),
-                mt.bd_addr.eq(self.cfg_addr),
-                mt.bd_wdata.eq(self.cfg_data[:BD_BITS]),
-                mt.lock_wr_en.eq(sel & (kind == CFG_KINDS["lock"])),
+                mt.lock_wr_en.eq(self.cfg_we & (self.cfg_unit == R * C + C + c)
+                                 & (kind == CFG_KINDS["lock"])),
                 mt.lock_wr_id.eq(self.cfg_addr),
                 mt.lock_wr_value.eq(self.cfg_data),
-                mt.task.valid.eq(sel & (kind == CFG_KINDS["task"])),
-                mt.task.payload.eq(Cat(self.cfg_addr[:BD_INDEX_BITS],
-                                       self.cfg_ch[:MT_CH_BITS])),
                 mt.dm_we.eq(0), mt.dm_re.eq(0),
             ]
-            with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
-                m.d.comb += ready.eq(mt.task.ready)
         m.d.comb += self.cfg_ready.eq(ready)
 
         # ---- run control -------------------------------------------------------------------

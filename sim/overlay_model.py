@@ -407,7 +407,7 @@ class OverlayModel:
         # memtile MM2S channels: packets from the memtile's memory as the job found it, into
         # column bus j (never the row buses)
         mt_rd = 0
-        for c, per in getattr(job, "memtile_bds", {}).items():
+        for c, per in job.memtile_bds.items():
             for ch, bds in per.items():
                 if ch < mcfg.s2mm or not bds:
                     continue
@@ -525,7 +525,7 @@ class OverlayModel:
         rf = route_fields(self.cfg)
         written = 0
         releases: dict = {}
-        for c, per in getattr(job, "memtile_bds", {}).items():
+        for c, per in job.memtile_bds.items():
             for ch, bds in per.items():
                 if ch >= mcfg.s2mm or not bds:
                     continue
@@ -563,7 +563,7 @@ class OverlayModel:
                     raise DeadlockError(f"memtile {c} S2MM {ch}: {len(stream) - pos} captured "
                                         f"words find no BD (the read channel would stall)")
         for (c, ch), chan in [(k, v) for k, v in chans.items() if len(k) == 2]:
-            mine = getattr(job, "memtile_bds", {}).get(c, {}).get(ch)
+            mine = job.memtile_bds.get(c, {}).get(ch)
             if not mine and any(pk.header >> rf.mt & 1 for pk in chan.packets):
                 raise DeadlockError(f"column {c} read channel {ch} sends packets to the "
                                     f"memtile, whose S2MM channel {ch} has no BDs")
@@ -575,7 +575,7 @@ class OverlayModel:
         a job's memtile BDs use ends the job as it started (released as much as acquired)."""
         gates: dict = {}
         acquired: dict = {}
-        for c, per in getattr(job, "memtile_bds", {}).items():
+        for c, per in job.memtile_bds.items():
             for ch, bds in per.items():
                 if ch < mcfg.s2mm or not bds:
                     continue
