@@ -111,17 +111,26 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "generate the overlay's Verilog and manifests", _generate_args)
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
     from tilewright.hw.generate import generate, generate_overlay
 
     cfg = load_config_arg(args.config)
     t0 = time.perf_counter()
-    manifest = generate(cfg, args.output)
+    if args.tile_only:
+        manifest, ov = generate(cfg, args.output), None
+    else:
+        # the tile and the overlay's modules converted side by side, a process per CPU
+        with ProcessPoolExecutor(min(5, os.cpu_count() or 1)) as pool:
+            tile = pool.submit(generate, cfg, args.output)
+            ov = generate_overlay(cfg, args.output, pool=pool)
+            manifest = tile.result()
     print(f"{cfg.name} ({cfg.source}, digest {cfg.digest()}): "
           f"{manifest['macs_per_cycle']} MAC/cycle x {manifest['modules'][0]['instances']} "
           f"tile(s) at {cfg.clock_mhz:g} MHz", flush=True)
     files = list(manifest["files"])
-    if not args.tile_only:
-        ov = generate_overlay(cfg, args.output)
+    if ov is not None:
         files += ov["files"]
         for m in ov["modules"]:
             print(f"  {m['name']}: {m['instances']} instance(s), generated once in "

@@ -91,13 +91,17 @@ def test_generate_rejects_non_config(tmp_path: Path) -> None:
 
 # CLI ------------------------------------------------------------------------------------------
 
+def _generate_stand_in(cfg, out):
+    """``generate`` with the stand-in tile (at module level: the CLI runs it in a worker
+    process)."""
+    return generate(cfg, out, tile_factory=StandInTile)
+
+
 def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                       monkeypatch: pytest.MonkeyPatch) -> None:
     import tilewright.hw.generate as gen
 
-    real = gen.generate
-    monkeypatch.setattr(gen, "generate",
-                        lambda cfg, out: real(cfg, out, tile_factory=StandInTile))
+    monkeypatch.setattr(gen, "generate", _generate_stand_in)
     assert main(["generate", "tiny-1x1", "-o", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "tiny-1x1" in text and "32 MAC/cycle" in text
