@@ -28,6 +28,7 @@ from tilewright.hw.tileunit import N_LOCK_PORTS
 from .verilator import (
     RtlSimError,
     RunTotals,
+    _hex_lines,
     _log_tail,
     build_component,
     run_job_batch,
@@ -41,8 +42,9 @@ HARNESS_TOP = "tw_overlay_harness"
 TB_MODULE = "tilewright.sim.overlay_tb"
 #: Maximum configuration records of a job (the harness's buffer).
 CFG_MAX = 65536
-#: DDR model size: 2**DDR_WORDS_LOG2 words.
-DDR_WORDS_LOG2 = 22
+#: DDR model size: 2**DDR_WORDS_LOG2 words (256 MB of 8-byte words: a whole VGG16 image of
+#: about 150 MB, or its 103 MB classifier.0 layer, fits).
+DDR_WORDS_LOG2 = 25
 _LOCK_PORT_NAMES = ("core", "s2mm0", "s2mm1", "s2mm2", "mm2s0", "mm2s1")
 
 
@@ -67,7 +69,9 @@ class OverlayJob:
     ----------
     ddr : np.ndarray
         The DDR image as unsigned words (``uint64`` for 8-byte words, ``uint32`` for 4);
-        the rest of the DDR model is zero.
+        the rest of the DDR model is zero. A job whose ``ddr`` is the previous job's array
+        (the same object: the runs of one layer) is not loaded again: it runs on the DDR as
+        the previous job left it, outputs included, as the overlay model runs a layer.
     records : sequence of CfgRecord
         Configuration, applied in order before ``start``.
     dump : tuple of int
@@ -272,13 +276,16 @@ def run_overlay_jobs(cfg: OverlayConfig, jobs: Sequence[OverlayJob], *,
                              f"holds 2**{DDR_WORDS_LOG2}")
         jd = rdir / f"job{i}"
         jd.mkdir(exist_ok=True)
-        words = np.asarray(job.ddr).astype(np.uint64)
-        text = "\n".join(f"{int(w):0{digits}x}" for w in words) if words.size else ""
-        (jd / "ddr.hex").write_text(text + "\n")
+        load = i == 0 or job.ddr is not jobs[i - 1].ddr
+        if load:
+            # in bulk: big-endian bytes of each word to hex lines
+            words = np.asarray(job.ddr).astype(">u8").view(np.uint8).reshape(-1, 8)
+            (jd / "ddr.hex").write_bytes(_hex_lines(words[:, 8 - digits // 2:]) if words.size
+                                         else b"\n")
         (jd / "cfg.hex").write_text("\n".join(record_lines(job.records, cfg_bits)) + "\n")
         for name in ("ddr_out.hex", "status.hex"):
             (jd / name).unlink(missing_ok=True)
-        job_list.append({"timeout_cycles": job.timeout_cycles,
+        job_list.append({"load_ddr": load, "timeout_cycles": job.timeout_cycles,
                          "watchdog_cycles": job.watchdog_cycles,
                          "dump_lo": lo, "dump_hi": hi - 1, "cfg_records": len(job.records)})
     spec = {"job_list": job_list, "units": cfg.array.rows * cfg.array.cols + 2 * cfg.array.cols}

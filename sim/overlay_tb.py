@@ -1,8 +1,9 @@
 """cocotb test module driving ``tw_overlay_harness`` (``sim/harness/overlay_harness.sv``).
 
 Run by :func:`tilewright.sim.overlay_sim.run_overlay_jobs`, which writes the job files and a
-jobs manifest. For every job: LOAD_DDR, LOAD_CFG, START, STATUS (the watchdog's report: who
-waits on which lock), DUMP_DDR; a job that timed out or stalled is followed by RESET. The
+jobs manifest. For every job: LOAD_DDR (not for a job that shares the previous one's image),
+LOAD_CFG, START, STATUS (the watchdog's report: who waits on which lock), DUMP_DDR; a job
+that timed out or stalled is followed by RESET. The
 clock runs inside the harness; Python only waits for each command's end, every wait bounded.
 """
 
@@ -50,7 +51,8 @@ async def run_jobs(dut: Any) -> None:
             dut.dump_lo.value = int(job["dump_lo"])
             dut.dump_hi.value = int(job["dump_hi"])
             t0 = time.perf_counter()
-            await _command(dut, CMD_LOAD_DDR, i, 4, clock_ns)
+            if job.get("load_ddr", True):
+                await _command(dut, CMD_LOAD_DDR, i, 4, clock_ns)
             await _command(dut, CMD_LOAD_CFG, i, 4 * int(job["cfg_records"]) + 16, clock_ns)
             t1 = time.perf_counter()
             await _command(dut, CMD_START, i, timeout, clock_ns)
