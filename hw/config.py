@@ -279,13 +279,13 @@ def config_from_dict(raw: Any, source: str = "<memory>") -> OverlayConfig:
     array = _check_section(source, "array", raw.get("array"), ArrayConfig, _ARRAY_RULES)
     tile = _check_section(source, "tile", raw.get("tile"), TileConfig, _TILE_RULES)
     _check_tile(source, tile)
-    # packet headers carry a column-bus bit, a row-bus mask, a memtile bit and a tile mask
-    # above the length (tilewright.hw.overlay.RouteFields)
-    if 18 + 2 * array.rows > tile.word_bits:
-        raise ConfigError(f"{source}: 'array.rows' = {array.rows} needs packet headers of "
-                          f"{18 + 2 * array.rows} bits, more than the {tile.word_bits}-bit "
-                          f"words of {tile.block}-byte blocks; accepted: rows <= "
-                          f"{(tile.word_bits - 18) // 2}")
+    # packet headers carry a column-bus bit, a row-bus mask, a memtile bit, a tile-row mask
+    # and a column mask above the length (tilewright.hw.overlay.RouteFields)
+    if 18 + 2 * array.rows + array.cols > tile.word_bits:
+        raise ConfigError(f"{source}: a {array.rows}x{array.cols} array needs packet headers "
+                          f"of {18 + 2 * array.rows + array.cols} bits (18 + 2 x rows + cols), "
+                          f"more than the {tile.word_bits}-bit words of {tile.block}-byte "
+                          f"blocks")
     memtile = _check_section(source, "memtile", raw.get("memtile"), MemtileConfig,
                              _MEMTILE_RULES)
     ddr = _check_section(source, "ddr", raw.get("ddr"), DdrConfig, _DDR_RULES)

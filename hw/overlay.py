@@ -12,8 +12,10 @@ Stream network (packet switched, :mod:`tilewright.hw.packet`; header bits in
   packet to its column bus (header bit ``COL``) and/or to any of the R *row buses* (header
   bits ``ROW + r``; several bits multicast a packet, e.g. a halo row two tile rows share);
 * row bus ``r`` merges the packets of all shim read channels bound for it (packet-level round
-  robin) and broadcasts them to the S2MM 0 channel of every tile of array row ``r`` (the header
-  is stripped in front of each tile): activations travel along rows, read from DDR once;
+  robin) and broadcasts them to the S2MM 0 channel of the tiles of array row ``r`` that the
+  header's column mask names (bits ``COLS + c``; the header is stripped in front of each
+  tile): activations travel along rows, read from DDR once, and a packet for one tile (a
+  residual operand) reaches only that tile;
 * column ``c`` has two column buses: read channel ``k``'s column packets go to bus ``k mod 2``,
   which sends each to the S2MM ``1 + k mod 2`` channel of the tiles of column ``c`` named by
   the header's tile mask (bits ``TILE + r``): weights travel down columns, a packet for
@@ -88,16 +90,23 @@ class RouteFields:
         column's memtile, on the memtile's S2MM channel of the same number.
     tile : int
         On a column bus, tile row ``r`` is bit ``tile + r``.
+    cols : int
+        On a row bus, tile column ``c`` is bit ``cols + c``.
     bits : int
         Header bits used (length included).
     """
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, cols: int = 1) -> None:
         self.col = 16
         self.row = 17
         self.mt = 17 + rows
         self.tile = 18 + rows
-        self.bits = 18 + 2 * rows
+        self.cols = 18 + 2 * rows
+        self.bits = 18 + 2 * rows + cols
+
+    def all_cols(self, n: int) -> int:
+        """The header bits that send a row-bus packet to all ``n`` columns."""
+        return ((1 << n) - 1) << self.cols
 
 
 def array_memtile(cfg: OverlayConfig) -> MemtileConfig:
@@ -128,7 +137,7 @@ def unit_of(cfg: OverlayConfig, kind: str, index: int) -> int:
 
 def route_fields(cfg: OverlayConfig) -> RouteFields:
     """The packet header fields of an overlay (one definition: RTL, compiler and model)."""
-    return RouteFields(cfg.array.rows)
+    return RouteFields(cfg.array.rows, cfg.array.cols)
 
 
 def _instance(m: Module, module: str, name: str, sig: wiring.Signature):
@@ -269,7 +278,8 @@ class Overlay(wiring.Component):
             wiring.connect(m, mg.o, bc.i)
             net_valid.append(mg.o.valid)
             for c in range(C):
-                st = PacketSplit(wb, 1, rf.row + r, strip=True)
+                # the tile of column c takes what the header's column mask gives it
+                st = PacketSplit(wb, 1, rf.cols + c, strip=True)
                 m.submodules[f"rowstrip_{r}_{c}"] = st
                 wiring.connect(m, bc.o[c], st.i)
                 wiring.connect(m, st.o[0], tiles[r][c].s2mm[0])

@@ -435,7 +435,7 @@ class OverlayModel:
                             d.append(((r, c), 1 + chan.bus))
                 for r in range(R):
                     if chan.rows and pk.header >> (rf.row + r) & 1:
-                        d += [((r, cc), 0) for cc in range(C)]
+                        d += [((r, cc), 0) for cc in range(C) if pk.header >> (rf.cols + cc) & 1]
                 dd = []
                 for tkey, tch in d:
                     dd.append((tkey, tch, len(inputs[tkey][tch])))

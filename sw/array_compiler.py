@@ -122,6 +122,15 @@ _TIERS_WHOLE = ((2, False, 0, False), (1, False, 0, False))
 #: Activation parts per read channel (each tile row's slice is cut into this many parts per
 #: channel that carries it).
 ACT_PARTS_PER_CHANNEL = 6
+#: Parts of a fused add's residual per tile at most (each is fetched before the ADDs of the
+#: chunks it serves, so that the first outputs leave while the rest still streams in).
+RES_PARTS = 4
+#: (activation parts per channel, residual parts per tile) a fused layer tries, in order,
+#: until the shim's BDs suffice.
+_FUSED_TRIES = (*((n, q) for q in (RES_PARTS, 3, 2, 1) for n in (ACT_PARTS_PER_CHANNEL, 4, 2)),
+                (1, 1))
+#: Output batches of a fused add per tile at most (each costs about 20 instructions).
+OUT_BATCHES = 8
 #: Largest size of one BD dimension.
 _DIM_MAX = (1 << 16) - 1
 
@@ -307,6 +316,26 @@ class Placement:
     streams: int
 
 
+@dataclass(frozen=True)
+class FusedAdd:
+    """A residual add computed in a convolution's epilogue (layer fusion).
+
+    The tiles compute the convolution's int8 output as usual, into a scratch region, then
+    ``ADD`` it with the residual operand (read from DDR once, into the tile that needs it) and
+    send only the sum to DDR: the convolution's output never crosses DDR, and the add needs no
+    run of its own. Bit for bit the two layers one after the other.
+
+    Attributes
+    ----------
+    add : AddLayer
+    conv_operand : int
+        Which operand of the add the convolution's output is (0: ``a``, 1: ``b``).
+    """
+
+    add: AddLayer
+    conv_operand: int = 0
+
+
 @dataclass
 class ArrayLayer:
     """A layer compiled for an overlay.
@@ -489,6 +518,34 @@ def _balance(nnz: np.ndarray, cols: int) -> list[list[int]]:
         loads[c] += int(nnz[g]) + 1
         counts[c] += 1
     return [sorted(rows, key=lambda g: (-int(nnz[g]), g)) for rows in out]
+
+
+def _balance_contiguous(nnz: np.ndarray, cols: int, extra: int = 1) -> list[list[int]]:
+    """Deal block rows to columns as contiguous ranges, ascending, with the least possible
+    largest load (a row's load: its non-zero blocks plus ``extra``): a fused residual add
+    reads each tile's residual channel groups as one range (one DDR descriptor)."""
+    load = [int(v) + extra for v in nnz]
+
+    def cut(limit: int) -> list[list[int]] | None:
+        out: list[list[int]] = [[]]
+        acc = 0
+        for g, v in enumerate(load):
+            if out[-1] and acc + v > limit:
+                out.append([])
+                acc = 0
+            out[-1].append(g)
+            acc += v
+        return out if len(out) <= cols else None
+
+    lo, hi = max(load, default=0), sum(load)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cut(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    out = cut(lo) or [[]]
+    return out + [[] for _ in range(cols - len(out))]
 
 
 def _split_rows(n: int, parts: int) -> list[tuple[int, int]]:
@@ -737,7 +794,8 @@ def _chunks(rows: list[int], nnz: list[int], blk_words: int, cap: int, b: int, q
 
 def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                        name: str | None = None, place: Placement | None = None,
-                       memtile: bool = True) -> ArrayLayer:
+                       memtile: bool = True, fuse: FusedAdd | None = None,
+                       x_res: np.ndarray | None = None) -> ArrayLayer:
     """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
 
     Parameters
@@ -754,6 +812,10 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
         Where several runs stream a column the same weights, the first captures them into
         the column's memtile and the others replay them from there (:func:`_memtile_plan`);
         False: every run reads them from DDR.
+    fuse : FusedAdd, optional
+        Add the residual operand ``x_res`` (int8, the output's shape; with ``place`` its
+        address is ``place.inputs[1]``) to the convolution's output in the tiles: the layer's
+        output is the add's. Columns then take contiguous ranges of block rows.
 
     Raises
     ------
@@ -786,11 +848,24 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     # ---- DDR: input and output tensors ----------------------------------------------------
     out_words = geo.gout * ho * wo
-    img = _DdrImage([xa], out_words, b, place, lname)
+    xs = [xa]
+    if fuse is not None:
+        if not isinstance(fuse, FusedAdd) or fuse.conv_operand not in (0, 1):
+            raise TypeError(f"layer {lname!r}: fuse must be a FusedAdd with conv_operand 0 "
+                            f"or 1, not {fuse!r}")
+        xr = np.asarray(x_res) if x_res is not None else None
+        if xr is None or xr.dtype != np.int8 or xr.shape != (cout, ho, wo):
+            raise ValueError(f"layer {lname!r}: a fused add needs an int8 residual x_res of "
+                             f"the output's shape {(cout, ho, wo)}, not "
+                             f"{None if xr is None else (xr.dtype, xr.shape)}")
+        xs.append(xr)
+    img = _DdrImage(xs, out_words, b, place, lname)
     in_base, out_base, in_size = img.bases[0], img.out_base, img.sizes[0]
+    res_base = img.bases[1] if fuse is not None else None
 
     # ---- partition ---------------------------------------------------------------------------
-    col_rows_all = _balance(nnz_row, C)
+    col_rows_all = (_balance(nnz_row, C) if fuse is None
+                    else _balance_contiguous(nnz_row * taps, C, 2))
     # the split into runs with the least extra DDR traffic (weights re-read per output-row
     # part, the input re-read per block-row part) plus RUN_COST_WORDS per run plus what the
     # runs lose to transfers the cores cannot overlap; for a given row split more block-row
@@ -808,7 +883,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
             if best is not None and cost >= best[0]:
                 break
             plan = _try_plan(geo, col_rows_all, w_words_row, nnz_row, n_rsplit, n_gsplit, R, t,
-                             qrec)
+                             qrec, fuse is not None)
             if plan is not None:
                 lost = _overlap_loss_words(plan, geo, cfg)
                 cost += len(plan) * RUN_COST_WORDS + lost
@@ -830,35 +905,51 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     jobs: list[ArrayJob] = []
     wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
     mt_plan = _memtile_plan(jobs_spec, cfg) if memtile else [{} for _ in jobs_spec]
+    # as many activation parts as the shim's BDs allow (more parts: the cores start sooner);
+    # a fused layer's residual parts too (more: the earlier the first outputs leave). The
+    # runs of a layer are alike: each starts from what the one before could take
+    tries = ([(n, 0) for n in range(ACT_PARTS_PER_CHANNEL, 0, -1)] if fuse is None
+             else list(_FUSED_TRIES))
+    first_try = 0
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
-        # as many activation parts as the shim's BDs allow (more parts: the cores start
-        # sooner)
-        for n_act in range(ACT_PARTS_PER_CHANNEL, 0, -1):
+        for i in range(first_try, len(tries)):
+            n_act, n_res = tries[i]
             mark = img.mark()
             try:
                 job = _build_job(ji, geo, layer, cfg, row_ranges, col_rows, chunks, layout, rf,
-                                 in_base, out_base, img.put, n_act, wlines, mt_plan[ji])
+                                 in_base, out_base, img.put, n_act, wlines, mt_plan[ji],
+                                 fuse, res_base, n_res)
+                first_try = i
                 break
             except _ShimBdsShort:
                 img.rollback(mark)
-                if n_act == 1:
+                if i == len(tries) - 1:
                     raise
         jobs.append(job)
 
     nnz = int(mask.sum())
     macs = cout * cin * kh * kw * ho * wo
-    ddr_min = (nnz * taps * b * b + nnz * 2 + cout * 8 + cin * h * w + cout * ho * wo)
+    # the input pixels some window reads (a 1x1/2 conv reads a quarter of them)
+    used_h = np.unique((np.arange(ho)[:, None] * s - ph + np.arange(kh)[None, :]).ravel())
+    used_w = np.unique((np.arange(wo)[:, None] * s - pw + np.arange(kw)[None, :]).ravel())
+    n_in = int(((used_h >= 0) & (used_h < h)).sum()) * int(((used_w >= 0) & (used_w < w)).sum())
+    ddr_min = (nnz * taps * b * b + nnz * 2 + cout * 8 + cin * n_in
+               + (2 if fuse is not None else 1) * cout * ho * wo)
     return ArrayLayer(lname, cfg, img.words(), (in_base, in_size), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s,
                       img.base, img.regions())
 
 
 def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
-                   act_parts: int = 2 * ACT_PARTS_PER_CHANNEL) -> int:
+                   act_parts: int = 2 * ACT_PARTS_PER_CHANNEL, fused: bool = False) -> int:
     """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it) whose input
-    slice comes in ``act_parts`` parts."""
+    slice comes in ``act_parts`` parts (``fused``: with a residual add's epilogue)."""
     # SETPs, HALT, the input's ACQs and the CONVs they cut (HOLD, SETP, ACC: 4 words more)
     n = 11 + 1 + 5 * act_parts
+    if fused:
+        # MUL_A, MUL_B; per output batch 15 SETPs, a fence, the residual's ACQ, the REL and
+        # an ADD per row
+        n += 2 + OUT_BATCHES * 18 + sum(len(chk.rows) for chk in chunks)
     for chk in chunks:
         parts = len(chk.parts(b))
         n += 2 * parts + 3 + 1 + 4 * (parts - 1)    # ACQ/REL per part, 3 SETPs, fence, a cut
@@ -909,9 +1000,11 @@ def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
 
 
 def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[int],
-              nnz_row: np.ndarray, n_rsplit: int, n_gsplit: int, R: int, t, qrec: int):
+              nnz_row: np.ndarray, n_rsplit: int, n_gsplit: int, R: int, t, qrec: int,
+              fused: bool = False):
     """Jobs for ``n_rsplit`` parts of the output rows x ``n_gsplit`` parts of every column's
-    block rows, or None if a job does not fit a tile."""
+    block rows, or None if a job does not fit a tile (``fused``: a residual add's operand,
+    the convolution's output before the add and the add's records take tile memory too)."""
     b = t.block
     jobs = []
     for rpart in _split_rows(geo.ho, n_rsplit):
@@ -936,6 +1029,8 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
             for rows in col_rows:
                 in_w, out_w = _tile_words(geo, max_rows, max_cols, len(rows))
                 free = t.dmem_words - _align(in_w, 8 * b) - out_w
+                if fused:
+                    free -= 2 * out_w + _align(len(rows) * qrec, 8)
                 if not rows:
                     chunks.append([])
                     layout.append((0, 0, 0, 2))
@@ -949,7 +1044,7 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
                                      ramp * RAMP_WORDS, down)
                     if ch is not None:
                         break
-                if ch is None or _program_words(ch, nnz_row, b) > t.pmem_words:
+                if ch is None or _program_words(ch, nnz_row, b, fused=fused) > t.pmem_words:
                     return None
                 chunks.append(ch)
                 layout.append((cap, in_w, out_w, nbuf))
@@ -957,12 +1052,42 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
     return jobs
 
 
+def _out_batches(n_rows: int) -> list[tuple[int, int]]:
+    """A fused add's batches of a column's ``n_rows`` block rows, ``(first, rows)``: each is
+    added and sent as soon as its last row is done (the first holds one row, so the outputs
+    start leaving early), at most :data:`OUT_BATCHES` of them."""
+    if n_rows <= 1:
+        return [(0, n_rows)] if n_rows else []
+    rest = _split_rows(n_rows - 1, min(n_rows - 1, OUT_BATCHES - 1))
+    return [(0, 1)] + [(1 + a, z - a) for a, z in rest]
+
+
+def _tile_bases(geo: _Geometry, lay: tuple[int, int, int, int],
+                rect: tuple[int, int, int, int], n_rows: int, b: int) -> dict[str, int]:
+    """A conv tile's memory map (word addresses): the input slice at 0 (a row bus packet
+    carries one address for every tile of the row), the weight buffers, the output region,
+    and for a fused add the convolution's output before the add (``mid``, laid out as the
+    output region), the residual (``res``, the same) and the add's requantisation records
+    (``qadd``)."""
+    cap, in_max, _, nbuf = lay
+    b8 = 8 * b
+    h0, h1, w0, w1 = rect
+    _, out_w = _tile_words(geo, h1 - h0, w1 - w0, n_rows)
+    w0b = _align(in_max, b8)
+    w1b = w0b + (cap if nbuf == 2 else 0)
+    outb = w1b + cap
+    return {"in": 0, "wbuf0": w0b, "wbuf1": w1b, "out": outb, "mid": outb + out_w,
+            "res": outb + 2 * out_w, "qadd": _align(outb + 3 * out_w, 8), "end": outb + out_w}
+
+
 def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                row_ranges: list[tuple[int, int]], col_rows: list[list[int]],
                chunks: list[list[Chunk]], layout: list[tuple[int, int, int, int]], rf,
                in_base: int, out_base: int, put, n_act_parts: int,
                wlines: list[np.ndarray],
-               mt_use: dict[int, tuple[str, tuple[int, int]]]) -> ArrayJob:
+               mt_use: dict[int, tuple[str, tuple[int, int]]],
+               fuse: FusedAdd | None = None, res_base: int | None = None,
+               n_res: int = 1) -> ArrayJob:
     t = cfg.tile
     b = t.block
     R, C = cfg.array.rows, cfg.array.cols
@@ -975,6 +1100,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
                                                             for c in range(C)}
     qbytes = _qbytes_all(layer, b, t.qrec_words)
+    add_q = _add_records(fuse.add, layer.cout, b, t.qrec_words) if fuse is not None else []
     wpk: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}   # (c, bus) -> (k, words)
     # the input channel group of every block column c's cores take, in order, and where each
     # chunk starts in that order (when the cores need what: one block a step)
@@ -1012,12 +1138,15 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # and a core acquires each part just before the first block that reads it -------------
     chans = [(c, ch) for c in range(C) for ch in range(min(2, cfg.ddr.read_channels))]
     per_row = max(1, len(chans) // max(1, len(active_rows)))
-    n_slots = min(per_row, len(ACT_LOCKS))
+    # a fused add's residual parts count on a lock of their own (the last activation lock)
+    n_slots = min(per_row, len(ACT_LOCKS) - (fuse is not None))
+    res_lock = ACT_LOCKS[n_slots] if fuse is not None else -1
     # (c, ch) -> [(first step that needs it, part, words, [BDs])]
     act_items: dict[tuple[int, int], list[tuple[int, int, int, list[BufferDescriptor]]]] = {}
     part_stage: dict[int, list[int]] = {}         # row -> the channel slot of each part
     stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its part
     aw = t.addr_bits
+    res_parts: dict[tuple[int, int], list[int]] = {}    # tile -> end row of each residual part
     for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
         rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
@@ -1045,7 +1174,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             ptop, pbot = iy0 - (a0 + ya), (a0 + yb) - iy1
             n_words = (g1 - g0) * (yb - ya) * cols_in
             lock = ACT_LOCKS[pi % n_slots]
-            route = (1 + n_words) | (1 << (rf.row + r))
+            route = (1 + n_words) | (1 << (rf.row + r)) | rf.all_cols(C)
             write = n_words | ((g0 * plane + ya * cols_in) << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
             part = BufferDescriptor(in_base + g0 * geo.h * geo.w + iy0 * geo.w + x0,
@@ -1057,6 +1186,45 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             key = chans[(ri * per_row + pi % n_slots) % len(chans)]
             act_items.setdefault(key, []).append(
                 (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
+        if fuse is None:
+            continue
+        # a fused add's residual: tile (r, c)'s output channel groups over its rectangle, laid
+        # out as its output region (a zero word where each header slot is), in up to `n_res`
+        # packets on the row bus for that tile alone, each just before the ADDs of the rows
+        # it holds (their need: the steps before those ADDs); one channel carries a tile's
+        # parts, so they land in order and the residual lock counts them
+        for c in range(C):
+            rows_c = col_rows[c]
+            if not rows_c or not chunks[c]:
+                continue
+            g0, g1 = rows_c[0], rows_c[-1] + 1
+            assert rows_c == list(range(g0, g1)), "a fused add needs contiguous rows"
+            nrows, ncols = h1 - h0, w1 - w0
+            out_row, out_cg, per_row_hdr = _out_layout(geo, nrows, ncols)
+            resb = _tile_bases(geo, layout[c], row_ranges[r], len(rows_c), b)["res"]
+            key = chans[(ri * per_row + c % per_row) % len(chans)]
+            batches = _out_batches(len(rows_c))
+            done_at = np.cumsum([int(mask[g].sum()) for g in rows_c])   # step a row is done
+            res_parts[(r, c)] = []
+            for q, (a, z) in enumerate(_ramp_split(len(batches), min(n_res, len(batches)))):
+                ja = batches[a][0]
+                jb = batches[z - 1][0] + batches[z - 1][1]
+                at = int(done_at[batches[a][0] + batches[a][1] - 1])
+                n_words = (jb - ja) * out_cg
+                route = (1 + n_words) | (1 << (rf.row + r)) | (1 << (rf.cols + c))
+                write = n_words | ((resb + ja * out_cg) << 16) | (res_lock << (16 + aw))
+                hbase = put(np.array([route, write], dtype=np.uint64))
+                first = res_base + (g0 + ja) * geo.ho * geo.wo + h0 * geo.wo + w0
+                if per_row_hdr:
+                    part = BufferDescriptor(first, (ncols, nrows, jb - ja),
+                                            (1, geo.wo, geo.ho * geo.wo), (1, 0, 0))
+                else:
+                    part = BufferDescriptor(first, (nrows * ncols, jb - ja),
+                                            (1, geo.ho * geo.wo), (1, 0))
+                act_items.setdefault(key, []).append(
+                    (at, (1 << 20) + 64 * c + q, n_words,
+                     [BufferDescriptor(hbase, (2,), (1,)), part]))
+                res_parts[(r, c)].append(jb)
 
     groups_max = _max_groups(row_ranges, t.pixels)
     step = geo.kh * geo.kw * groups_max
@@ -1152,17 +1320,26 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 tiles.append(tp)
                 continue
             nrows, ncols = h1 - h0, w1 - w0
-            cap, in_max, _, nbuf = layout[c]
+            cap, _, _, nbuf = layout[c]
             in_w, out_w = _tile_words(geo, nrows, ncols, len(rows))
-            # the input slice at 0 in every tile (a row bus packet carries one address)
-            inb = 0
-            wbuf = (_align(in_max, 8 * b), _align(in_max, 8 * b) + (cap if nbuf == 2 else 0))
-            outb = wbuf[1] + cap
-            assert outb + out_w <= t.dmem_words
+            tb = _tile_bases(geo, layout[c], row_ranges[r], len(rows), b)
+            inb = tb["in"]
+            wbuf = (tb["wbuf0"], tb["wbuf1"])
+            outb = tb["out"]
             rows_in, cols_in = geo.rows_in(nrows), geo.cols_in(ncols)
             out_row, out_cg, per_row = _out_layout(geo, nrows, ncols)
             tp.regions = {"in": (inb, in_w), "wbuf0": (wbuf[0], cap), "wbuf1": (wbuf[1], cap),
                           "out": (outb, out_w)}
+            convb = outb                     # where the CONVs write
+            if fuse is not None:
+                convb = tb["mid"]
+                tp.regions |= {"mid": (tb["mid"], out_w), "res": (tb["res"], out_w),
+                               "qadd": (tb["qadd"], len(rows) * t.qrec_words)}
+                recs = np.concatenate([add_q[g] for g in rows])
+                for k, wv in enumerate(_words_of(recs, b)):
+                    tp.dm[tb["qadd"] + k] = int(wv)
+                assert tb["qadd"] + len(rows) * t.qrec_words <= t.dmem_words
+            assert outb + out_w <= t.dmem_words
             for j, g in enumerate(rows):
                 plane = out_base + g * geo.ho * geo.wo
                 if per_row:
@@ -1175,6 +1352,11 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             params = {"IN_BASE": inb, "IN_ROW": cols_in, "IN_CG": rows_in * cols_in,
                       "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows, "WO": ncols,
                       "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "SHIFT": layer.shift}
+            if fuse is not None:
+                # the add's a operand is the CONV's output (IN_BASE), b the residual (B_BASE)
+                ma, mb = fuse.add.mul_a, fuse.add.mul_b
+                params |= {"MUL_A": ma if fuse.conv_operand == 0 else mb,
+                           "MUL_B": mb if fuse.conv_operand == 0 else ma}
             for key, v in params.items():
                 if not param_range(Param[key], t).accepts(v):
                     raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
@@ -1188,6 +1370,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             # go on (ACC) after the acquire, if the tile's pixel groups fit the accumulators
             can_cut = nrows * _cdiv(ncols, t.pixels) <= t.acc_depth
             n_out = 0                                # chunks that completed rows so far
+            res_got = 0                              # residual parts acquired so far
+            n_done = 0                               # block rows completed so far
+            batches = _out_batches(len(rows)) if fuse is not None else []
+
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
                 if not can_cut:
@@ -1201,7 +1387,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 for part in range(wgot):
                     p.acquire(LOCK_WFULL[buf][part])
                 p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
-                        OUT_BASE=outb + chk.first * out_cg + 1)
+                        OUT_BASE=convb + chk.first * out_cg + 1)
                 bi = 0                                   # blocks of the chunk before piece i
                 for i, (g, j0, j1) in enumerate(chk.pieces):
                     n = int(mask[g].sum())
@@ -1227,13 +1413,42 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     if not blocks:
                         p.conv([], relu=layer.relu, hold=False, acc=False)
                     bi += len(blocks)
+                    if j1 == n:
+                        n_done += 1
+                        if fuse is not None and n_out < len(batches) and \
+                                sum(batches[n_out]) == n_done:
+                            # a fused add's batch (the rows just done): CONV output +
+                            # residual, then its release to MM2S; the CONVs' registers back
+                            first, nb = batches[n_out]
+                            ends = res_parts[(r, c)]     # part i: rows [ends[i-1], ends[i])
+                            n_new = 0
+                            while res_got < len(ends) and (ends[res_got - 1] if res_got else 0) \
+                                    < first + nb:
+                                res_got += 1
+                                n_new += 1
+                            if n_new:
+                                p.acquire(res_lock, n_new)
+                            p.setps(IN_BASE=tb["mid"] + 1, IN_ROW=out_row, IN_CG=out_cg,
+                                    B_BASE=tb["res"] + 1,
+                                    OUT_BASE=outb + first * out_cg + 1,
+                                    Q_PTR=tb["qadd"] + first * t.qrec_words,
+                                    SHIFT=fuse.add.shift, STRIDE=1)
+                            for j in range(first, first + nb):
+                                p.add(j, relu=fuse.add.relu, fence=j == first)
+                            p.nop(fence=True)
+                            p.release(LOCK_OFULL[(n_out + r) % 2])
+                            n_out += 1
+                            p.setps(IN_BASE=inb, IN_ROW=cols_in, IN_CG=rows_in * cols_in,
+                                    SHIFT=layer.shift, STRIDE=geo.s,
+                                    OUT_BASE=convb + (first + nb) * out_cg + 1,
+                                    Q_PTR=wbuf[buf] + (i + 1) * t.qrec_words)
                 while wgot < nparts:
                     p.acquire(LOCK_WFULL[buf][wgot])
                     wgot += 1
                 p.nop(fence=True)
                 for part in range(nparts):
                     p.release(LOCK_WEMPTY[buf][part])
-                if chk.rows:
+                if fuse is None and chk.rows:
                     p.release(LOCK_OFULL[(n_out + r) % 2])
                     n_out += 1
             # every part, needed or not: a job leaves each lock as it found it (the next job's
@@ -1241,7 +1456,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             got = _take_parts(p, slots, got, len(slots) - 1)
             tp.program = p.halt().words
             assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b,
-                                                     len(slots))
+                                                     len(slots), fuse is not None)
             if len(tp.program) > t.pmem_words:
                 raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "
@@ -1253,10 +1468,11 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                        acquire=LockAction(LOCK_WEMPTY[k % nbuf][bus], 1),
                                        release=LockAction(LOCK_WFULL[k % nbuf][bus], 1))
                       for k, chk in enumerate(chunks[c]) if bus < len(chk.parts(b))]
-                ol = [BufferDescriptor(outb + chk.first * out_cg,
-                                       (out_cg, len(chk.rows)), (1, out_cg),
+                groups = batches if fuse is not None else [
+                    (ck.first, len(ck.rows)) for ck in chunks[c] if ck.rows]
+                ol = [BufferDescriptor(outb + first * out_cg, (out_cg, nb), (1, out_cg),
                                        acquire=LockAction(LOCK_OFULL[bus], 1))
-                      for chk in [ck for ck in chunks[c] if ck.rows][(bus + r) % 2::2]]
+                      for first, nb in groups[(bus + r) % 2::2]]
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)
@@ -1352,6 +1568,16 @@ def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:
     blocks = full.reshape(gout, b, gin, b, kh, kw).transpose(0, 2, 4, 5, 1, 3)
     return [np.ascontiguousarray(blocks[g, np.flatnonzero(mask[g])]).reshape(-1).view(np.uint8)
             for g in range(gout)]
+
+
+def _add_records(add: AddLayer, c: int, b: int, qrec_words: int) -> list[np.ndarray]:
+    """Per channel group, an add's requantisation record (its biases and multipliers)."""
+    from tilewright.sw.tile_compiler import _int_vector
+
+    bias = _int_vector(add.bias, f"layer {add.name!r}: bias", c)
+    mult = _int_vector(add.mult, f"layer {add.name!r}: mult", c)
+    return _qbytes_all(ConvLayer(np.zeros((c, 1, 1, 1), np.int8), bias, mult, 0, name="q"),
+                       b, qrec_words)
 
 
 def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:

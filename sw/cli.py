@@ -293,6 +293,9 @@ def _net_args(p: argparse.ArgumentParser, verify: bool) -> None:
     p.add_argument("--input-shape", type=_shape3, metavar="C,H,W",
                    help="input shape of a module:factory model (default: its input_shape "
                         "attribute, else 3,224,224)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="run every residual add on its own instead of in the epilogue of the "
+                        "conv that feeds it")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     if not verify:
         p.add_argument("-o", "--output", type=Path, metavar="DIR",
@@ -307,7 +310,7 @@ def _compile(args: argparse.Namespace, estimate: bool = True) -> CompiledNetwork
     return compile_network(args.model, cfg, sparsity=args.sparsity,
                            checkpoint=args.checkpoint, seed=args.seed, calib=args.calib,
                            input_shape=args.input_shape, estimate=estimate,
-                           bar=sys.stderr.isatty())
+                           bar=sys.stderr.isatty(), fuse=args.fuse)
 
 
 def _net_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

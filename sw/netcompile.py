@@ -48,6 +48,7 @@ from tilewright.hw.isa import Opcode, Param, index_words
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.array_compiler import (
     ArrayLayer,
+    FusedAdd,
     Placement,
     _planes,
     compile_conv_array,
@@ -226,13 +227,16 @@ def _align(a: int, n: int) -> int:
     return -(-a // n) * n
 
 
-def plan_memory(graph: NetGraph, block: int) -> MemoryPlan:
+def plan_memory(graph: NetGraph, block: int,
+                fused: dict[str, str] | None = None) -> MemoryPlan:
     """Place every activation tensor of ``graph`` in DDR (see :class:`MemoryPlan`).
 
     Concat inputs are placed at their channel-group offsets in the concat's buffer (each
     input's channel count must be a multiple of ``block``), a flatten aliases its input; the
     remaining buffers are allocated first-fit in graph order and freed after their last
-    reader (the network's output is never freed).
+    reader (the network's output is never freed). ``fused`` (``{add: conv}``, see
+    :func:`find_fusions`): the conv's output never exists in DDR; the add's buffer is allocated
+    when the conv runs (it writes it) and the conv's name aliases it.
     """
     names = [graph.input_name] + [n.name for n in graph]
     pos = {graph.input_name: -1} | {n.name: i for i, n in enumerate(graph.nodes)}
@@ -241,6 +245,8 @@ def plan_memory(graph: NetGraph, block: int) -> MemoryPlan:
         c, h, w = graph.shape_of(t)
         words[t] = -(-c // block) * h * w
     parent: dict[str, tuple[str, int]] = {}            # tensor -> (container, word offset)
+    for add, conv in (fused or {}).items():
+        parent[conv] = (add, 0)
     for n in graph:
         if n.kind == "concat":
             off = 0
@@ -325,6 +331,27 @@ def _coalesce(free: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def find_fusions(graph: NetGraph) -> dict[str, str]:
+    """The residual adds the compiler computes in a convolution's epilogue: ``{add: conv}``.
+
+    An add is fused with the input produced last (so the other operand, the residual, exists
+    when the conv runs) if that input is a convolution read by nothing but the add and the
+    two operands differ: ResNet's ``conv3 + identity``, and ``downsample + conv3`` where the
+    shortcut conv comes last."""
+    pos = {n.name: i for i, n in enumerate(graph.nodes)}
+    out: dict[str, str] = {}
+    for n in graph:
+        if n.kind != "add" or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1]:
+            continue
+        last = max(n.inputs, key=lambda t: pos.get(t, -1))
+        if last not in pos or graph[last].kind != "conv" or graph.users(last) != [n.name]:
+            continue
+        if last == graph.output or graph.shape_of(last) != n.shape:
+            continue
+        out[n.name] = last
+    return out
+
+
 # Compiled network --------------------------------------------------------------------------
 
 @dataclass
@@ -353,6 +380,13 @@ class CompiledLayer:
     sync: int = 0
     ddr_bytes: int = 0
     ddr_bytes_lower_bound: int = 0
+    #: a conv with a residual add in its epilogue: the add's name; the add: the conv's
+    fused: str | None = None
+
+    @property
+    def tensor(self) -> str:
+        """The tensor this layer's runs write (a fused conv writes its add's output)."""
+        return self.fused if self.fused is not None and self.kind == "conv" else self.name
 
     @property
     def nnz_macs(self) -> int:
@@ -375,7 +409,8 @@ class CompiledLayer:
                 "sync_cycles": self.sync, "mac_utilization": util,
                 "ddr_bytes": self.ddr_bytes, "ddr_bytes_lower_bound": self.ddr_bytes_lower_bound,
                 "ddr_ratio": (self.ddr_bytes / self.ddr_bytes_lower_bound
-                              if self.ddr_bytes_lower_bound else None)}
+                              if self.ddr_bytes_lower_bound else None),
+                "fused": self.fused}
 
 
 @dataclass
@@ -472,6 +507,10 @@ class CompiledNetwork:
                f"{'LB KB':>8s} {'ratio':>5s}")
         lines = [hdr, "-" * len(hdr)]
         for cl in self.layers:
+            if cl.kind == "add" and cl.fused:
+                lines.append(f"{cl.name[:34]:34s} {cl.kind:7s} {'':>14s}    - in the "
+                             f"epilogue of {cl.fused}")
+                continue
             r = cl.row(self.cfg)
             util = f"{r['mac_utilization']:.2f}" if r["mac_utilization"] is not None else ""
             ratio = f"{r['ddr_ratio']:.2f}" if r["ddr_ratio"] is not None else ""
@@ -580,7 +619,8 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                     checkpoint: str | Path | None = None, seed: int = 0, calib: int = 2,
                     input_shape: tuple[int, int, int] | None = None, estimate: bool = True,
                     progress: Callable[[str], None] | None = None,
-                    bar: bool = False) -> CompiledNetwork:
+                    bar: bool = False, fuse: bool = True,
+                    workers: int | None = None) -> CompiledNetwork:
     """Compile model ``spec`` (see :func:`load_model`) for ``cfg``.
 
     Parameters
@@ -596,6 +636,11 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
         Calibration images (seeded standard normal).
     estimate : bool
         Fill the cycle and DDR estimates (:func:`estimate_layer`).
+    fuse : bool
+        Compute residual adds in the epilogue of the conv that feeds them
+        (:func:`find_fusions`): the conv's output never crosses DDR and the add needs no run.
+    workers : int, optional
+        Processes that estimate layers side by side (default: one per CPU; 1: in this one).
     """
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -617,52 +662,70 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
         qnet = quantize_graph(graph, images)
         timings["prune_quantize"] = time.time() - t1
     t1 = time.time()
-    plan = plan_memory(graph, b)
+    fused = find_fusions(graph) if fuse else {}
+    add_of = {conv: add for add, conv in fused.items()}
+    plan = plan_memory(graph, b, fused)
     top = _align(plan.arena_words, 8)
     layers: list[CompiledLayer] = []
     nodes = list(graph)
+    est = _Estimator(cfg, workers, bar) if estimate else None
     it: Iterable[Node] = nodes
     if bar:
         from tqdm import tqdm
 
         it = tqdm(nodes, desc="compile", unit="layer", leave=False)
-    for n in it:
-        cl = CompiledLayer(n.name, n.kind, tuple(n.inputs), n.shape, None)
-        if n.kind in ("conv", "linear", "maxpool", "avgpool", "global_avgpool", "add"):
-            layer = _layer_of(graph, qnet, n, b)
-            shp = _input_shape(graph, n)
-            place = Placement(tuple(plan.base[t] for t in n.inputs), plan.base[n.name], top)
-            x = np.zeros(shp, np.int8)
-            try:
+    try:
+        for n in it:
+            cl = CompiledLayer(n.name, n.kind, tuple(n.inputs), n.shape, None)
+            if n.name in fused:
+                cl.fused = fused[n.name]                 # computed by that conv's runs
+            elif n.kind in ("conv", "linear", "maxpool", "avgpool", "global_avgpool", "add"):
+                layer = _layer_of(graph, qnet, n, b)
+                shp = _input_shape(graph, n)
+                place = Placement(tuple(plan.base[t] for t in n.inputs), plan.base[n.name], top)
+                x = np.zeros(shp, np.int8)
+                try:
+                    if n.name in add_of:
+                        an = graph[add_of[n.name]]
+                        operand = list(an.inputs).index(n.name)
+                        res = an.inputs[1 - operand]
+                        place = Placement((plan.base[n.inputs[0]], plan.base[res]),
+                                          plan.base[an.name], top)
+                        alayer = _layer_of(graph, qnet, an, b)
+                        assert isinstance(layer, ConvLayer) and isinstance(alayer, AddLayer)
+                        arr = compile_conv_array(layer, x, cfg, place=place,
+                                                 fuse=FusedAdd(alayer, operand),
+                                                 x_res=np.zeros(an.shape, np.int8))
+                        cl.fused = an.name
+                    elif isinstance(layer, ConvLayer):
+                        arr = compile_conv_array(layer, x, cfg, place=place)
+                    else:
+                        arr = compile_eltwise_array(layer, x, cfg, place=place,
+                                                    x_b=x if n.kind == "add" else None)
+                except ValueError as e:
+                    raise CompileError(f"{name}: {n.name} ({n.kind}): {e}") from None
+                top = _align(arr.ddr_base + arr.ddr.size, 8)
+                cl.array = arr
+                cl.macs = arr.macs
+                cl.ddr_bytes_lower_bound = arr.ddr_bytes_min
                 if isinstance(layer, ConvLayer):
-                    arr = compile_conv_array(layer, x, cfg, place=place)
-                else:
-                    arr = compile_eltwise_array(layer, x, cfg, place=place,
-                                                x_b=x if n.kind == "add" else None)
-            except ValueError as e:
-                raise CompileError(f"{name}: {n.name} ({n.kind}): {e}") from None
-            top = _align(arr.ddr_base + arr.ddr.size, 8)
-            cl.array = arr
-            cl.macs = arr.macs
-            cl.ddr_bytes_lower_bound = arr.ddr_bytes_min
-            if isinstance(layer, ConvLayer):
-                m = block_mask(layer.weight, b)
-                cl.blocks, cl.nnz_blocks = int(m.size), int(m.sum())
-        layers.append(cl)
-        if progress is not None and cl.array is not None and not bar:
-            progress(f"compiled {n.name} ({n.kind}, {cl.runs} runs)")
+                    m = block_mask(layer.weight, b)
+                    cl.blocks, cl.nnz_blocks = int(m.size), int(m.sum())
+                if est is not None:
+                    est.submit(cl)
+            layers.append(cl)
+            if progress is not None and cl.array is not None and not bar:
+                progress(f"compiled {n.name} ({n.kind}, {cl.runs} runs)")
+    except BaseException:
+        if est is not None and est.pool is not None:
+            est.pool.shutdown(cancel_futures=True)
+        raise
     timings["compile_layers"] = time.time() - t1
     cn = CompiledNetwork(name, cfg, qnet, sparsity, plan, layers, top)
-    if estimate:
+    if est is not None:
         t1 = time.time()
-        lit: Iterable[CompiledLayer] = layers
-        if bar:
-            from tqdm import tqdm
-
-            lit = tqdm(layers, desc="estimate", unit="layer", leave=False)
-        for cl in lit:
-            if cl.array is not None:
-                estimate_layer(cl, cfg)
+        est.finish()
+        # the estimate ran beside the compiler: what it took beyond the layers' compile
         cn.estimate_s = timings["estimate"] = time.time() - t1
     cn.timings = timings
     cn.compile_s = time.time() - t0
@@ -730,6 +793,63 @@ def _ddr_cycles(arr: ArrayLayer, cfg: OverlayConfig) -> int:
     return total
 
 
+_ESTIMATE_FIELDS = ("cycles", "ddr_bytes", "compute", "ddr", "sync")
+
+
+def _estimate_fields(cl: CompiledLayer, cfg: OverlayConfig) -> tuple[int, ...]:
+    estimate_layer(cl, cfg)
+    return tuple(getattr(cl, f) for f in _ESTIMATE_FIELDS)
+
+
+class _Estimator:
+    """Estimates layers while the compiler goes on: :meth:`submit` hands a compiled layer to
+    a pool of ``workers`` processes (default: one per CPU; 1: estimated at :meth:`finish`, in
+    this process), :meth:`finish` waits and fills the layers in place (the same figures as
+    :func:`estimate_layer` one by one)."""
+
+    def __init__(self, cfg: OverlayConfig, workers: int | None, bar: bool) -> None:
+        import os
+
+        self.cfg, self.bar = cfg, bar
+        self.n = workers or os.cpu_count() or 1
+        self.pool: Any = None
+        self.futs: dict[Any, CompiledLayer] = {}
+        self.todo: list[CompiledLayer] = []
+
+    def submit(self, cl: CompiledLayer) -> None:
+        if self.n <= 1:
+            self.todo.append(cl)
+            return
+        if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.n)
+        self.futs[self.pool.submit(_estimate_fields, cl, self.cfg)] = cl
+
+    def finish(self) -> None:
+        from concurrent.futures import as_completed
+
+        it: Iterable[Any]
+        if self.pool is None:
+            it = (estimate_layer(cl, self.cfg) for cl in self.todo)
+            total = len(self.todo)
+        else:
+            it = as_completed(self.futs)
+            total = len(self.futs)
+        if self.bar:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=total, desc="estimate", unit="layer", leave=False)
+        try:
+            for f in it:
+                if self.pool is not None:
+                    for name, v in zip(_ESTIMATE_FIELDS, f.result(), strict=True):
+                        setattr(self.futs[f], name, v)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+
+
 def estimate_layer(cl: CompiledLayer, cfg: OverlayConfig) -> CompiledLayer:
     """Fill ``cl``'s cycle and DDR estimates from the overlay model's timing (in place)."""
     from tilewright.sim.golden import TileModel
@@ -790,18 +910,19 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
 
         it = tqdm(cn.layers, desc="verify", unit="layer", leave=False)
     for cl in it:
-        if cl.kind == "flatten":
-            continue
+        if cl.kind == "flatten" or (cl.kind == "add" and cl.fused):
+            continue                # a fused add is checked with its conv
         cycles = 0
         if cl.array is not None:
             res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0))
             ddr = res.ddr
             cycles = int(res.cycles)
-        a = cn.plan.base[cl.name]
-        got = read_planes(ddr[a:a + cn.plan.words[cl.name]], cl.shape, b)
-        want = env[cl.name][0].numpy().reshape(cl.shape)
+        a = cn.plan.base[cl.tensor]
+        got = read_planes(ddr[a:a + cn.plan.words[cl.tensor]], cl.shape, b)
+        want = env[cl.tensor][0].numpy().reshape(cl.shape)
         bad = int((got != want).sum())
-        chk = LayerCheck(cl.name, cl.kind, bad == 0, bad, cycles)
+        kind = f"{cl.kind}+add" if cl.tensor != cl.name else cl.kind
+        chk = LayerCheck(cl.name, kind, bad == 0, bad, cycles)
         checks.append(chk)
         if progress is not None:
             progress(chk)

@@ -4,7 +4,9 @@ tests and for trying ``tilewright compile`` / ``verify`` in seconds
 
 * :func:`tiny_resnet` (3x32x32): a stem conv with batch norm and ReLU, a 3x3/2 max pool, an
   Inception-style block (1x1, 1x3, 3x1 and 3x3 branches and a 3x3/1 average pool branch,
-  concatenated), a residual add, a 3x3/2 conv, a global average pool, flatten and a linear
+  concatenated), a residual add, a downsampling residual block (a 3x3/2 conv and a 1x1/2
+  shortcut conv added), a residual block (a 3x3 conv added to its input; both blocks' adds
+  fused into a conv's epilogue by the compiler), a global average pool, flatten and a linear
   classifier.
 * :func:`tiny_vgg` (3x16x16): convs and max pools, then a flatten of a 32x4x4 tensor into two
   linear layers (the first runs as a 4x4 convolution over the unflattened tensor).
@@ -35,7 +37,9 @@ class TinyResNet(nn.Module):
         self.b2 = nn.Sequential(_cbr(32, 8, (1, 3), 1, (0, 1)), _cbr(8, 8, (3, 1), 1, (1, 0)))
         self.b3 = _cbr(32, 8, 3, 1, 1)
         self.b4 = nn.Sequential(nn.AvgPool2d(3, 1, 1), _cbr(32, 8, 1))
-        self.down = _cbr(32, 64, 3, 2, 1)
+        self.down = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64))
+        self.short = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+        self.res = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64))
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, classes)
 
@@ -43,7 +47,9 @@ class TinyResNet(nn.Module):
         x = self.pool(self.stem(x))
         y = torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
         x = torch.relu(x + y)
-        x = self.gap(self.down(x))
+        x = torch.relu(self.down(x) + self.short(x))
+        x = torch.relu(self.res(x) + x)
+        x = self.gap(x)
         return self.fc(torch.flatten(x, 1))
 
 

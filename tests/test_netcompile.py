@@ -18,6 +18,7 @@ from tilewright.sw.netcompile import (
     CompileError,
     block_prune,
     compile_network,
+    find_fusions,
     load_model,
     plan_memory,
     verify_network,
@@ -127,6 +128,29 @@ def test_network_verifies_bit_exact(cfg_name, spec, sparsity):
             assert by[cl.name] == cl.cycles, cl.name
 
 
+def test_residual_adds_fuse_into_the_conv_that_feeds_them():
+    """tiny_resnet's two conv-fed adds run in a conv's epilogue (the shortcut conv, produced
+    last, takes the main path's output as its residual); the add of a concat does not fuse.
+    Fused and unfused both verify; fused, the adds need no run and less DDR traffic."""
+    g = _graph()
+    assert find_fusions(g) == {"add_1": "short.0", "add_2": "res.0"}
+    cfg = _cfg("tiny-2x2")
+    on = compile_network(TINY, cfg, sparsity=0.5, seed=5)
+    off = compile_network(TINY, cfg, sparsity=0.5, seed=5, fuse=False)
+    for cn in (on, off):
+        checks, _ = verify_network(cn, seed=5)
+        assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    by = {cl.name: cl for cl in on.layers}
+    assert by["add_1"].array is None and by["add_1"].fused == "short.0"
+    assert by["short.0"].tensor == "add_1" and by["res.0"].fused == "add_2"
+    assert by["add"].array is not None
+    assert {c.kind for c in verify_network(on, seed=5)[0]} >= {"conv+add"}
+    # the fused conv writes its add's buffer, which lives while its inputs do
+    assert on.plan.base["short.0"] == on.plan.base["add_1"]
+    s_on, s_off = on.summary(), off.summary()
+    assert s_on["ddr_bytes"] < s_off["ddr_bytes"] and s_on["runs"] < s_off["runs"]
+
+
 def test_tiny_resnet_covers_every_op_kind():
     g = _graph()
     assert set(g.kinds()) >= {"conv", "linear", "maxpool", "avgpool", "global_avgpool", "add",
@@ -231,7 +255,7 @@ def test_tiny_network_on_rtl_layer_by_layer():
         out = arr.merge_outputs([r.ddr_out for r in results])
         ddr[lo:lo + n] = out
         got = arr.read_output(out)
-        want = env[cl.name][0].numpy().reshape(got.shape)
+        want = env[cl.tensor][0].numpy().reshape(got.shape)
         assert np.array_equal(got, want), f"{cl.name}: RTL output differs (seed=3)"
         assert sum(r.rd_words + r.wr_words for r in results) * cfg.tile.word_bytes \
             == cl.ddr_bytes, cl.name

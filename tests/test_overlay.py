@@ -13,6 +13,7 @@ import pytest
 
 from tilewright.hw.config import ConfigError, config_from_dict, load_config
 from tilewright.hw.generate import generate_overlay
+from tilewright.hw.overlay import route_fields
 from tilewright.sim.layercases import make_conv, rand_i8
 from tilewright.sim.overlay_model import _MAX_ITERATIONS, OverlayModel
 from tilewright.sw import array_compiler
@@ -132,6 +133,55 @@ def test_model_multi_job_layer():
 
 
 BIG = ("big", 48, 40, (3, 3), 1, (1, 1), 20, True)     # two runs over output rows on tiny-2x2
+
+
+FUSED = [("1x1", 32, 24, (1, 1), 1, (0, 0), 6, False),
+         ("3x3s2", 16, 20, (3, 3), 2, (1, 1), 9, True),
+         ("big", 48, 40, (3, 3), 1, (1, 1), 20, False)]
+
+
+@pytest.mark.parametrize("cfg_name", ["tiny-2x2", "tiny-2x3", "aie2-2x2"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_model_fused_residual_add(cfg_name, sparsity):
+    """A residual add in the convolution's epilogue equals the conv then the add, with
+    either operand order, across several runs too; the conv's output never crosses DDR."""
+    cfg = _cfg(cfg_name)
+    b = cfg.tile.block
+    for i, case in enumerate(FUSED):
+        seed = 40 + i
+        layer, x = _layer(case, sparsity, b, seed)
+        y = reference_output(layer, x)
+        rng = np.random.default_rng(seed + 100)
+        xr = rand_i8(rng, y.shape)
+        add = AddLayer(3000 - 500 * i, -2000 + 900 * i, (1 << 14) + 77 * i, 22, i != 1)
+        for operand in (0, 1):
+            al = compile_conv_array(layer, x, cfg, fuse=array_compiler.FusedAdd(add, operand),
+                                    x_res=xr)
+            res = OverlayModel(cfg).run_layer(al)
+            want = (reference_output(add, y, xr) if operand == 0
+                    else reference_output(add, xr, y))
+            assert np.array_equal(res.output, want), \
+                f"{case[0]} on {cfg_name}, sparsity {sparsity}, operand {operand}, seed {seed}"
+            # outputs written once; the residual read once (its pad words are not reads)
+            assert res.wr_words == al.out_region[1], f"seed {seed}"
+            pl = compile_conv_array(layer, x, cfg)
+            extra = res.rd_words - OverlayModel(cfg).run_layer(pl).rd_words
+            assert extra >= al.out_region[1], f"seed {seed}: residual reads {extra}"
+            if len(pl.jobs) == len(al.jobs):     # the same runs: the residual and headers
+                assert extra <= 1.1 * al.out_region[1] + 64 * len(al.jobs), \
+                    f"seed {seed}: residual reads {extra}, its size {al.out_region[1]}"
+        if case[0] == "big" and cfg_name == "tiny-2x2":
+            assert len(al.jobs) > 1
+
+
+def test_balance_contiguous():
+    nnz = np.array([5, 1, 1, 1, 1, 5, 2, 2, 0, 3])
+    cols = array_compiler._balance_contiguous(nnz, 3, 1)
+    assert [g for c in cols for g in c] == list(range(10))
+    assert all(c == list(range(c[0], c[-1] + 1)) for c in cols if c)
+    loads = [sum(int(nnz[g]) + 1 for g in c) for c in cols]
+    assert max(loads) == 11, loads            # the least possible: ceil(31 / 3)
+    assert array_compiler._balance_contiguous(np.zeros(2, int), 4) == [[0], [1], [], []]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
@@ -275,7 +325,13 @@ def test_config_rows_bounded_by_header_bits():
     raw = {"name": "t", "array": {"rows": 8, "cols": 1},
            "tile": {"pixels": 2, "block": 4, "dmem_bytes": 16384, "pmem_words": 1024,
                     "acc_depth": 8}}
-    with pytest.raises(ConfigError, match=r"array\.rows' = 8 needs packet headers"):
+    with pytest.raises(ConfigError, match=r"8x1 array needs packet headers of 35 bits"):
+        config_from_dict(raw)
+    # 18 + 2 x rows + cols header bits: the column mask counts too
+    raw["array"] = {"rows": 6, "cols": 2}
+    assert route_fields(config_from_dict(raw)).bits == 32
+    raw["array"] = {"rows": 6, "cols": 3}
+    with pytest.raises(ConfigError, match=r"6x3 array needs packet headers of 33 bits"):
         config_from_dict(raw)
 
 
@@ -412,7 +468,6 @@ def test_overlay_watchdog_reports_lock_wait():
 def test_stem_slice_is_cut_by_rows_over_both_channels():
     """A slice of one input channel group (a stem's three channels) comes in row parts on
     both read channels of a column, each part's rows landing where the tile reads them."""
-    from tilewright.hw.overlay import route_fields
     from tilewright.sim.overlay_model import _task_words
 
     cfg = _cfg("tiny-2x2")
@@ -478,7 +533,6 @@ def test_model_timing_lower_bounds(cfg_name, cin, cout, size):
     by packet, so the activations take a word every DDR interval. (The model's estimate once
     broke the first bound by 30 % on the aie2 case and the second by 35 % on the tiny one;
     the RTL takes 4144 and 1747 cycles.)"""
-    from tilewright.hw.overlay import route_fields
     from tilewright.sim.overlay_model import _Channel, _task_words
 
     cfg = _cfg(cfg_name)
