@@ -48,6 +48,7 @@ headers of the activation slices and the weight streams of every column and bus.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1062,6 +1063,25 @@ def _out_batches(n_rows: int) -> list[tuple[int, int]]:
     return [(0, 1)] + [(1 + a, z - a) for a, z in rest]
 
 
+def _res_cuts(batches: list[tuple[int, int]], chunks: list[Chunk], n: int
+              ) -> list[tuple[int, int]]:
+    """A tile's residual in at most ``n`` parts, as ranges of its output ``batches``: cut
+    where a weight chunk's rows start (a part never holds rows of a chunk whose weights it
+    would hold back on the channel), the first batch on its own if a part is left."""
+    starts = {b0: i for i, (b0, _) in enumerate(batches)}
+    cuts = sorted({starts[ck.first] for ck in chunks if ck.rows and ck.first in starts} - {0})
+    cuts = cuts[:max(0, n - 1)]
+    if len(cuts) < n - 1 and len(batches) > 1 and 1 not in cuts:
+        cuts = [1, *cuts]
+    edges = [0, *cuts, len(batches)]
+    while len(edges) - 1 < n:               # parts left: halve the largest
+        i = max(range(len(edges) - 1), key=lambda i: edges[i + 1] - edges[i])
+        if edges[i + 1] - edges[i] < 2:
+            break
+        edges.insert(i + 1, (edges[i] + edges[i + 1]) // 2)
+    return list(itertools.pairwise(edges))
+
+
 def _tile_bases(geo: _Geometry, lay: tuple[int, int, int, int],
                 rect: tuple[int, int, int, int], n_rows: int, b: int) -> dict[str, int]:
     """A conv tile's memory map (word addresses): the input slice at 0 (a row bus packet
@@ -1206,7 +1226,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             batches = _out_batches(len(rows_c))
             done_at = np.cumsum([int(mask[g].sum()) for g in rows_c])   # step a row is done
             res_parts[(r, c)] = []
-            for q, (a, z) in enumerate(_ramp_split(len(batches), min(n_res, len(batches)))):
+            for q, (a, z) in enumerate(_res_cuts(batches, chunks[c], n_res)):
                 ja = batches[a][0]
                 jb = batches[z - 1][0] + batches[z - 1][1]
                 at = int(done_at[batches[a][0] + batches[a][1] - 1])
