@@ -36,6 +36,11 @@ estimator read. The dataflow (docs/architecture.md, "Running a layer on the arra
   contiguous in the DDR's channel-group-planar layout). Tile rows start on alternate channels,
   so a column's last outputs, finished by all its tiles at once, leave on both write channels.
 
+* **A residual add may be fused** (:class:`FusedAdd`): the tiles add the residual operand
+  (one row-bus packet per part, for the one tile that needs it) to the convolution's output
+  in batches of block rows before sending them, so the convolution's output never crosses
+  DDR; columns then take contiguous ranges of block rows.
+
 When a layer does not fit in one run (input slice + two weight buffers + outputs larger than
 the tile memory, or more chunks than buffer descriptors), it is split into several jobs over
 block rows and/or output rows; each job is a separate overlay run.
@@ -70,6 +75,7 @@ __all__ = [
     "ArrayJob",
     "ArrayLayer",
     "Chunk",
+    "FusedAdd",
     "Placement",
     "TilePlan",
     "compile_conv_array",
@@ -1097,7 +1103,7 @@ def _tile_bases(geo: _Geometry, lay: tuple[int, int, int, int],
     w1b = w0b + (cap if nbuf == 2 else 0)
     outb = w1b + cap
     return {"in": 0, "wbuf0": w0b, "wbuf1": w1b, "out": outb, "mid": outb + out_w,
-            "res": outb + 2 * out_w, "qadd": _align(outb + 3 * out_w, 8), "end": outb + out_w}
+            "res": outb + 2 * out_w, "qadd": _align(outb + 3 * out_w, 8)}
 
 
 def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
