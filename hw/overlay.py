@@ -96,7 +96,7 @@ class RouteFields:
         Header bits used (length included).
     """
 
-    def __init__(self, rows: int, cols: int = 1) -> None:
+    def __init__(self, rows: int, cols: int) -> None:
         self.col = 16
         self.row = 17
         self.mt = 17 + rows

@@ -130,7 +130,7 @@ _TIERS_WHOLE = ((2, False, 0, False), (1, False, 0, False))
 #: channel that carries it).
 ACT_PARTS_PER_CHANNEL = 6
 #: Parts of a fused add's residual per tile at most (each is fetched before the ADDs of the
-#: chunks it serves, so that the first outputs leave while the rest still streams in).
+#: output batches it serves, so that the first outputs leave while the rest still streams in).
 RES_PARTS = 4
 #: (activation parts per channel, residual parts per tile) a fused layer tries, in order,
 #: until the shim's BDs suffice.

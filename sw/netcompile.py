@@ -682,15 +682,16 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
             elif n.kind in ("conv", "linear", "maxpool", "avgpool", "global_avgpool", "add"):
                 layer = _layer_of(graph, qnet, n, b)
                 shp = _input_shape(graph, n)
-                place = Placement(tuple(plan.base[t] for t in n.inputs), plan.base[n.name], top)
+                ins = list(n.inputs)
+                if n.name in add_of:                 # the residual is the add's other operand
+                    an = graph[add_of[n.name]]
+                    operand = list(an.inputs).index(n.name)
+                    ins.append(an.inputs[1 - operand])
+                # a fused conv's name aliases its add's buffer (plan_memory)
+                place = Placement(tuple(plan.base[t] for t in ins), plan.base[n.name], top)
                 x = np.zeros(shp, np.int8)
                 try:
                     if n.name in add_of:
-                        an = graph[add_of[n.name]]
-                        operand = list(an.inputs).index(n.name)
-                        res = an.inputs[1 - operand]
-                        place = Placement((plan.base[n.inputs[0]], plan.base[res]),
-                                          plan.base[an.name], top)
                         alayer = _layer_of(graph, qnet, an, b)
                         assert isinstance(layer, ConvLayer) and isinstance(alayer, AddLayer)
                         arr = compile_conv_array(layer, x, cfg, place=place,
