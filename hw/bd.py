@@ -21,6 +21,7 @@ Semantics (d0 is the innermost, fastest dimension):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -84,6 +85,10 @@ BD_BITS = BD_LAYOUT.size
 
 
 def _ints(name: str, values: object, n: int, lo: int, hi: int, fill: int) -> tuple[int, ...]:
+    # the common case first (compilers build BDs by the hundred thousand): plain ints in range
+    if (type(values) is tuple or type(values) is list) and len(values) <= n and \
+            all(type(v) is int and lo <= v <= hi for v in values):
+        return (*values, *([fill] * (n - len(values))))
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of integers, not {values!r}")
     if len(values) > n:
@@ -180,7 +185,7 @@ class BufferDescriptor:
 
     # Derived quantities -----------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def extents(self) -> tuple[int, ...]:
         """Positions per dimension, padding included (``ext_d``)."""
         pb = (*self.pad_before, 0)

@@ -159,9 +159,13 @@ def _fair_rates(flows: dict) -> dict:
     ``tiles`` whose one-word-per-cycle memory ports it uses)."""
     rates: dict = {}
     left: dict = {}
+    shared = False
     for f in flows.values():
         for t in f["tiles"]:
+            shared = shared or t in left
             left[t] = 1.0
+    if not shared:          # no port shared: each flow runs at its cap, at most a word a cycle
+        return {fk: min(f["cap"], 1.0) for fk, f in flows.items()}
     todo = set(flows)
     while todo:
         cnt: dict = {}
@@ -186,8 +190,11 @@ class _TileEnv:
     """The datamover channels of one tile, driven from the golden model's lock hook."""
 
     def __init__(self, model: OverlayModel, job, tp, inputs: dict[int, list[_Packet]],
-                 avail: dict, key: tuple[int, int]) -> None:
+                 avail: dict, key: tuple[int, int], data: bool = True) -> None:
         self.model = model
+        # False in timing-only runs: the S2MM channels then write nothing into the memory
+        # (the MM2S channels still read it: the output headers are configuration words)
+        self.data = data
         self.tp = tp
         self.key = key
         self.inputs = inputs                 # S2MM channel -> packets in order
@@ -247,9 +254,10 @@ class _TileEnv:
         hdr = int(pk.words[0])
         n, addr = hdr & 0xFFFF, (hdr >> 16) & ((1 << t.addr_bits) - 1)
         lock = (hdr >> (16 + t.addr_bits)) & ((1 << LOCK_BITS) - 1)
-        words = pk.words[1:1 + n]
-        wv = mem.view(np.uint8).reshape(-1, t.block)
-        wv[addr:addr + n] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :t.block]
+        if self.data:
+            words = pk.words[1:1 + n]
+            wv = mem.view(np.uint8).reshape(-1, t.block)
+            wv[addr:addr + n] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :t.block]
         self._release(lock, 1, pk.end)
         self.avail[(self.key, 0, j)] = 0.0
         return pk.end, lock
@@ -266,10 +274,11 @@ class _TileEnv:
                           if bd.acquire is not None else 0.0)
         n = bd.n_elements
         words, arrival = self._take(ch, n)
-        addrs, _ = bd_addresses(bd)
-        b = self.model.cfg.tile.block
-        wv = mem.view(np.uint8).reshape(-1, b)
-        wv[addrs] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :b]
+        if self.data:
+            addrs, _ = bd_addresses(bd)
+            b = self.model.cfg.tile.block
+            wv = mem.view(np.uint8).reshape(-1, b)
+            wv[addrs] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :b]
         if bd.release is not None:
             self._release(bd.release.id, bd.release.value, arrival)
         self.pos[ch] = bd.next_bd
@@ -285,14 +294,15 @@ class _TileEnv:
             if self.off[ch] == 0:
                 self.avail[(self.key, ch, self.pkt[ch])] = self.cur_avail
             take = min(n, len(pk.words) - self.off[ch])
-            got.append(pk.words[self.off[ch]:self.off[ch] + take])
+            if self.data:
+                got.append(pk.words[self.off[ch]:self.off[ch] + take])
             arrival = max(arrival, pk.end)
             self.off[ch] += take
             n -= take
             if self.off[ch] == len(pk.words):
                 self.pkt[ch] += 1
                 self.off[ch] = 0
-        return np.concatenate(got), arrival
+        return (np.concatenate(got) if got else np.zeros(0, np.uint64)), arrival
 
     # -- MM2S ---------------------------------------------------------------------------------
     def _mm2s_step(self, ch: int, locks: list[int], mem: np.ndarray, cycle: int) -> bool:
@@ -609,7 +619,8 @@ class OverlayModel:
         """Run tile ``tp``'s program with its datamover channels (the packets' arrival times
         as timed so far); its acquire times go into ``avail``."""
         cfg = self.cfg
-        env = _TileEnv(self, job, tp, inputs, avail, (tp.r, tp.c))
+        env = _TileEnv(self, job, tp, inputs, avail, (tp.r, tp.c),
+                       data=not tile_model.timing_only)
         mem = np.zeros(cfg.tile.dmem_bytes, dtype=np.uint8)
         wv = mem.view(np.uint8).reshape(-1, cfg.tile.block)
         for a, w in tp.dm.items():
@@ -694,12 +705,16 @@ class OverlayModel:
                 return 0.0, i
             return pace[key][i], i
 
+        last_sig: tuple | None = None
+        rates: dict = {}
         while req or blocked or starting or active:
             reading = {key: producing(key) for key in chans}
             for fk, f in active.items():
                 level = read[fk[0]] - sent[fk[0]]
                 f["cap"] = 1.0 if level > eps else reading[fk[0]][0]
-            rates = _fair_rates(active)
+            sig = tuple((fk, f["cap"]) for fk, f in active.items())
+            if sig != last_sig:          # most events change neither the flows nor their caps
+                rates, last_sig = _fair_rates(active), sig
             prod: dict = {key: 0.0 for key in chans}
             t_next = float("inf")
             for key in [k for k, ch in chans.items() if now + eps >= ch.lat]:

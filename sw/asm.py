@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 from tilewright.hw.isa import (
@@ -25,6 +26,13 @@ def _flags(relu: bool, fence: bool) -> int:
     return (Flag.RELU.value if relu else 0) | (Flag.FENCE.value if fence else 0)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _encoded(opcode: int, a: int, b: int, imm: int) -> int:
+    """The word of an instruction, cached: a network's programs repeat a few thousand distinct
+    words hundreds of thousands of times."""
+    return Instr(opcode, a, b, imm).encode()
+
+
 class Program:
     """Builds a tile program (a list of 64-bit words).
 
@@ -42,7 +50,7 @@ class Program:
         return len(self.words)
 
     def _emit(self, ins: Instr) -> Program:
-        self.words.append(ins.encode())
+        self.words.append(_encoded(ins.opcode, ins.a, ins.b, ins.imm))
         return self
 
     def setp(self, param: Param, value: int) -> Program:

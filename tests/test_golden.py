@@ -8,7 +8,7 @@ import pytest
 from tilewright.hw.config import load_config
 from tilewright.hw.isa import ErrorCode, Instr, Opcode, Param
 from tilewright.sim.golden import HazardError, TileModel
-from tilewright.sim.randprog import OP_KINDS, random_case
+from tilewright.sim.randprog import OP_KINDS, illegal_programs, loop_lock_case, random_case
 from tilewright.sw.asm import Program
 from tilewright.sw.numerics import requantize
 
@@ -134,6 +134,29 @@ def test_timing_only_counts_the_same_cycles(op, tile):
                 (full.cycles, full.instructions, full.mac_cycles), f"{c.name} seed {seed}"
             assert [(o.pc, o.issue_start, o.issue_end) for o in fast.ops] == \
                 [(o.pc, o.issue_start, o.issue_end) for o in full.ops], f"{c.name} seed {seed}"
+
+
+@pytest.mark.parametrize("tile", [REF, TINY], ids=["aie2", "tiny"])
+def test_timing_only_stops_like_a_full_run(tile):
+    """Timing-only runs stop with the same error, pc and cycle as full runs on every
+    illegal program (a SETP out of range at the end of program memory is a PC_OVERFLOW), and
+    run hardware loops and lock waits the same."""
+    nop, bad = (Instr(Opcode.NOP.value).encode(),
+                Instr(Opcode.SETP.value, Param.STRIDE.value, 0, 3).encode())
+    cases = [*illegal_programs(), ("bad SETP at the end", [nop] * (tile.pmem_words - 1) + [bad],
+                                   ErrorCode.PC_OVERFLOW, tile.pmem_words - 1)]
+    mem = np.zeros(tile.dmem_bytes, np.uint8)
+    for name, words, err, pc in cases:
+        full = TileModel(tile).run(words, mem)
+        fast = TileModel(tile, timing_only=True).run(words, mem)
+        assert (full.error, full.error_pc) == (err, pc), name
+        assert (fast.error, fast.error_pc, fast.cycles, fast.instructions) == \
+            (full.error, full.error_pc, full.cycles, full.instructions), name
+    words, mem, locks = loop_lock_case(tile)
+    full = TileModel(tile).run(words, mem, locks=locks)
+    fast = TileModel(tile, timing_only=True).run(words, mem, locks=locks)
+    assert full.ok and (fast.cycles, fast.instructions, fast.locks) == \
+        (full.cycles, full.instructions, full.locks)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -174,6 +174,33 @@ def test_model_fused_residual_add(cfg_name, sparsity):
             assert len(al.jobs) > 1
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_model_fast_timing_equals_the_reference_loop(sparsity):
+    """The estimator's timing-only tile runs (:meth:`TileModel._run_timing`, datamover
+    channels that write no data, the port-sharing shortcut) time whole jobs -- lock waits,
+    HOLD/ACC pieces, a fused add's epilogue, several runs -- exactly like the full runs."""
+    from tilewright.sim.golden import TileModel
+
+    cfg = _cfg("tiny-2x2")
+    b = cfg.tile.block
+    add = AddLayer(3000, -2000, 1 << 14, 22, True)
+    for i, case in enumerate([BIG, *FUSED[:2], LAYERS[0], LAYERS[6]]):
+        seed = 70 + i
+        layer, x = _layer(case, sparsity, b, seed)
+        fuse = array_compiler.FusedAdd(add, i % 2) if case in FUSED else None
+        xr = rand_i8(np.random.default_rng(seed), reference_output(layer, x).shape)
+        al = compile_conv_array(layer, x, cfg, fuse=fuse, x_res=xr if fuse else None)
+        results = []
+        for fast, timing_only in ((True, True), (False, True), (False, False)):
+            m = OverlayModel(cfg)
+            m._timing_model.fast_timing = fast
+            m.tile_model = TileModel(cfg.tile, timing_only=timing_only)
+            r = m.run_layer(al)
+            results.append([(j.cycles, j.rd_words, j.wr_words, j.tile_cycles, j.iterations)
+                            for j in r.jobs])
+        assert results[0] == results[1] == results[2], f"{case[0]}, seed {seed}"
+
+
 def test_balance_contiguous():
     nnz = np.array([5, 1, 1, 1, 1, 5, 2, 2, 0, 3])
     cols = array_compiler._balance_contiguous(nnz, 3, 1)
