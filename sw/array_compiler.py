@@ -102,9 +102,13 @@ MT_LOCKS = (0, 1)
 CH_OUT = (N_S2MM, N_S2MM + 1)
 #: Buffer descriptors per tile channel (TileUnit default).
 TILE_BDS = 16
-#: What the run splitter charges for one more overlay run, in DDR words (its start-up: the
-#: DDR latency, the first weight chunk and the input slice before any tile computes).
-RUN_COST_WORDS = 2048
+#: What the run splitter charges for one more overlay run, in cycles, charged as the DDR
+#: words the array's read channels move in them: its start-up (the DDR latency, the first
+#: weight chunk and activation part before any tile computes) and its drain (the last
+#: outputs after the cores stop), about 1.5 k cycles per run in the model's timelines
+#: (1536: 6144 words on aie2-4x4; 512 cycles before, which split VGG16's features.2 at
+#: 50 % into 112 runs of 5.1 k cycles instead of 22: 570 k against 481 k model cycles).
+RUN_COST_CYCLES = 1536
 #: Words of a column's first weight chunk when block rows may be cut into pieces (0: the first
 #: chunk is one block row), and how much larger each next chunk may be.
 RAMP_WORDS = 256
@@ -874,12 +878,13 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     col_rows_all = (_balance(nnz_row, C) if fuse is None
                     else _balance_contiguous(nnz_row * taps, C, 2))
     # the split into runs with the least extra DDR traffic (weights re-read per output-row
-    # part, the input re-read per block-row part) plus RUN_COST_WORDS per run plus what the
+    # part, the input re-read per block-row part) plus RUN_COST_CYCLES per run plus what the
     # runs lose to transfers the cores cannot overlap; for a given row split more block-row
     # parts only cost more traffic, so past the first that fits only a loss can make more
     # parts pay, and they are tried in steps of a quarter (VGG16 classifier.0: 64 parts fit,
     # 126 are double-buffered)
     best = None
+    run_cost = int(RUN_COST_CYCLES * _read_rate(cfg))
     for n_rsplit in range(1, ho + 1):
         w_cost = (n_rsplit - 1) * sum(w_words_row)
         if best is not None and w_cost >= best[0]:
@@ -893,7 +898,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                              qrec, fuse is not None)
             if plan is not None:
                 lost = _overlap_loss_words(plan, geo, cfg)
-                cost += len(plan) * RUN_COST_WORDS + lost
+                cost += len(plan) * run_cost + lost
                 if best is None or cost < best[0]:
                     best = (cost, plan)
                 if not lost:
@@ -965,6 +970,12 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
     return n
 
 
+def _read_rate(cfg: OverlayConfig) -> float:
+    """DDR words per cycle the array's read channels move, all of them together."""
+    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    return cfg.array.cols * cfg.ddr.read_channels / step
+
+
 def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
     """What ``plan`` loses to transfers the cores cannot overlap, in DDR words of the array.
 
@@ -984,7 +995,7 @@ def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
     t = cfg.tile
     nr = cfg.ddr.read_channels
     step = max(1, t.word_bytes // cfg.ddr.bytes_per_cycle)
-    rate = cfg.array.cols * nr / step            # DDR words per cycle, all channels
+    rate = _read_rate(cfg)
     taps = geo.kh * geo.kw
     total = 0
     for tile_ranges, _col_rows, chunks, layout in plan:
