@@ -109,6 +109,43 @@ class RunResult:
         return self.error is ErrorCode.NONE
 
 
+def _issue_chunks(total: int, steps: int, depth: int, ready: int, d0: int, d1: int,
+                  hold: bool) -> tuple[int | None, int, int, int]:
+    """Issue an op of ``total`` pixel groups and ``steps`` steps from cycle ``ready`` in chunks
+    of at most ``depth`` groups (the cycle model of ``docs/architecture.md``), given ``d0``,
+    ``d1``: the writeback ends of the chunk before last and of the last chunk. Returns the
+    first chunk's issue cycle (None without chunks), the last issue cycle and the new
+    ``d0``, ``d1``."""
+    first_issue = None
+    e = ready - 1
+    done = 0
+    while done < total:
+        # a fully sparse block row is one chunk of every group (no accumulator use)
+        ng = min(depth, total - done) if steps else total - done
+        tk = max(ready, d0 + 1)
+        if first_issue is None:
+            first_issue = tk
+        e = tk + (steps * ng if steps else 1) - 1
+        ready = e + 1
+        if not hold:        # a HOLD chunk has no writeback and keeps its buffer
+            d0, d1 = d1, max(e + 2, d1 + 1) + ng - 1
+        done += ng
+    return first_issue, e, d0, d1
+
+
+def _loop_pc(loops: list[list[int]], pc: int, is_loop: bool, count: int) -> int:
+    """The pc after a LOOP (``is_loop``, ``count`` iterations) or ENDLOOP at ``pc``;
+    ``loops`` is the [start pc, remaining count] stack."""
+    if is_loop:
+        loops.append([pc + 1, count])
+        return pc + 1
+    if loops[-1][1] == 1:
+        loops.pop()
+        return pc + 1
+    loops[-1][1] -= 1
+    return loops[-1][0]
+
+
 class TileModel:
     """Executes tile programs on a data memory image.
 
@@ -161,23 +198,17 @@ class TileModel:
         lock = [0] * N_LOCKS if locks is None else [int(v) for v in locks]
         if len(lock) != N_LOCKS:
             raise ValueError(f"locks must hold {N_LOCKS} values, not {len(lock)}")
-        if self.timing_only and self.fast_timing:
-            if len(program) > t.pmem_words:
-                raise ValueError(f"program has {len(program)} words; program memory holds "
-                                 f"{t.pmem_words}")
-            mem = np.array(dmem, dtype=np.uint8, copy=True)
-            if mem.shape != (t.dmem_bytes,):
-                raise ValueError(f"dmem image must be {t.dmem_bytes} bytes, not {mem.shape}")
-            return self._run_timing(program, mem, lock, max_instructions, lock_hook)
-        loops: list[list[int]] = []          # [start pc, remaining count]
-        pm = [0] * t.pmem_words
         if len(program) > t.pmem_words:
             raise ValueError(f"program has {len(program)} words; program memory holds "
                              f"{t.pmem_words}")
-        pm[:len(program)] = [int(w) for w in program]
         mem = np.array(dmem, dtype=np.uint8, copy=True)
         if mem.shape != (t.dmem_bytes,):
             raise ValueError(f"dmem image must be {t.dmem_bytes} bytes, not {mem.shape}")
+        if self.timing_only and self.fast_timing:
+            return self._run_timing(program, mem, lock, max_instructions, lock_hook)
+        loops: list[list[int]] = []          # [start pc, remaining count]
+        pm = [0] * t.pmem_words
+        pm[:len(program)] = [int(w) for w in program]
         words = mem.view(np.int8).reshape(t.dmem_words, t.block)
 
         params = reset_params()
@@ -237,18 +268,8 @@ class TileModel:
                 pc += 1
                 now = decode + 1
                 continue
-            if op is Opcode.LOOP:
-                loops.append([pc + 1, ins.b])
-                pc += 1
-                now = decode + 1
-                continue
-            if op is Opcode.ENDLOOP:
-                if loops[-1][1] == 1:
-                    loops.pop()
-                    pc += 1
-                else:
-                    loops[-1][1] -= 1
-                    pc = loops[-1][0]
+            if op is Opcode.LOOP or op is Opcode.ENDLOOP:
+                pc = _loop_pc(loops, pc, op is Opcode.LOOP, ins.b)
                 now = decode + 1
                 continue
             # engine op ------------------------------------------------------------------
@@ -287,23 +308,10 @@ class TileModel:
                 if self.check_hazards:
                     self._check(pc, reads, writes, pending)
             held = ((ho, wo), acc_out) if hold else None
-            first_issue = None
-            e = ready - 1
-            done = 0
-            while done < total:
-                # a fully sparse block row is one chunk of every group (no accumulator use)
-                ng = min(t.acc_depth, total - done) if steps else total - done
-                dur = steps * ng if steps else 1
-                tk = max(ready, d_hist[0] + 1)
-                if first_issue is None:
-                    first_issue = tk
-                e = tk + dur - 1
-                ready = e + 1
-                if not hold:        # a HOLD chunk has no writeback and keeps its buffer
-                    s = max(e + 2, d_hist[-1] + 1)
-                    d_hist.append(s + ng - 1)
-                res.mac_cycles += steps * ng
-                done += ng
+            first_issue, e, d_prev, d_last = _issue_chunks(total, steps, t.acc_depth, ready,
+                                                           d_hist[0], d_hist[-1], hold)
+            d_hist.extend((d_prev, d_last))
+            res.mac_cycles += steps * total
             if not hold:
                 pending.append((d_hist[-1], writes))
             res.ops.append(OpTrace(pc, op, first_issue or ready, e, macs))
@@ -430,18 +438,8 @@ class TileModel:
                 pc += 1
                 now = decode + 1
                 continue
-            if kind == 6:
-                loops.append([pc + 1, b])
-                pc += 1
-                now = decode + 1
-                continue
-            if kind == 7:
-                if loops[-1][1] == 1:
-                    loops.pop()
-                    pc += 1
-                else:
-                    loops[-1][1] -= 1
-                    pc = loops[-1][0]
+            if kind == 6 or kind == 7:
+                pc = _loop_pc(loops, pc, kind == 6, b)
                 now = decode + 1
                 continue
             # engine op
@@ -457,20 +455,8 @@ class TileModel:
                                   f"window just before")
             held = (ho, wo) if hold else None
             ready = c + 2
-            first_issue = None
-            e = ready - 1
-            done = 0
-            while done < total:
-                ng = min(depth, total - done) if steps else total - done
-                tk = max(ready, d0 + 1)
-                if first_issue is None:
-                    first_issue = tk
-                e = tk + (steps * ng if steps else 1) - 1
-                ready = e + 1
-                if not hold:
-                    d0, d1 = d1, max(e + 2, d1 + 1) + ng - 1
-                mac_cycles += steps * ng
-                done += ng
+            first_issue, e, d0, d1 = _issue_chunks(total, steps, depth, ready, d0, d1, hold)
+            mac_cycles += steps * total
             ops.append(OpTrace(pc, op, first_issue or ready, e, 0))
             if op is Opcode.CONV:
                 params[i_w] = (params[i_w] + b * params[i_kh] * params[i_kw] * blk) % wd
