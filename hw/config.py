@@ -47,6 +47,10 @@ class TileConfig:
         Program memory size in 64-bit instruction words.
     acc_depth : int
         Pixel groups held by one of the two accumulator buffers (the chunk size).
+    bds_per_channel : int
+        Buffer descriptors per DMA channel of the tile unit (AIE-ML: 16). The overlay has no
+        run-time BD reprogramming, so a run's whole schedule must fit: a weight channel takes
+        one BD per chunk, an output channel one per output group.
     """
 
     pixels: int = 4
@@ -55,6 +59,7 @@ class TileConfig:
     dmem_banks: int = 8
     pmem_words: int = 2048
     acc_depth: int = 32
+    bds_per_channel: int = 16
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -191,6 +196,7 @@ _TILE_RULES: dict[str, tuple[str, Any]] = {
     "pmem_words": ("a power of two from 64 to 65536",
                    lambda v: _is_pow2(v) and 64 <= v <= 65536),
     "acc_depth": ("an integer from 1 to 1024", lambda v: 1 <= v <= 1024),
+    "bds_per_channel": ("an integer from 1 to 64", lambda v: 1 <= v <= 64),
 }
 _MEMTILE_RULES: dict[str, tuple[str, Any]] = {
     "bytes": ("a power of two from 4096 to 4194304",

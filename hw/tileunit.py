@@ -78,8 +78,8 @@ class TileUnit(wiring.Component):
     tile : TileConfig
     n_locks : int
         Locks of the unit's lock unit (AIE-ML tile: 16); ACQ/REL of a higher id never grant.
-    n_bds : int
-        Buffer descriptors per channel.
+    n_bds : int, optional
+        Buffer descriptors per channel (default: ``tile.bds_per_channel``).
 
     Members
     -------
@@ -106,12 +106,12 @@ class TileUnit(wiring.Component):
         Host access to tile memory, the lowest-priority requester of the arbiter.
     """
 
-    def __init__(self, tile: TileConfig, *, n_locks: int = 16, n_bds: int = 16) -> None:
+    def __init__(self, tile: TileConfig, *, n_locks: int = 16, n_bds: int | None = None) -> None:
         if not isinstance(tile, TileConfig):
             raise TypeError(f"tile must be a TileConfig, not {tile!r}")
         self.tile = tile
         self.n_locks = n_locks
-        self.n_bds = n_bds
+        self.n_bds = tile.bds_per_channel if n_bds is None else n_bds
         super().__init__(tileunit_signature(tile))
 
     def elaborate(self, platform):

@@ -403,6 +403,7 @@ class OverlayModel:
             memtiles = self.new_memtiles()
         step = self.interval
         lat = cfg.ddr.latency
+        self._check_bd_counts(job, mcfg)
         # shim read channels: packets and DDR reads
         chans: dict[tuple, _Channel] = {}
         rd_words = 0
@@ -523,6 +524,23 @@ class OverlayModel:
         res = JobResult(int(np.ceil(end)), rd_words, wr_words,
                         {k: int(r.cycles) for k, r in runs.items()}, n_iter, mt_rd, mt_wr)
         return ddr, res
+
+    def _check_bd_counts(self, job, mcfg) -> None:
+        """Every channel's BDs fit its BD table (the hardware has no run-time reprogramming:
+        a BD index beyond the table is an error the RTL would latch)."""
+        cfg = self.cfg
+        limits = [("tile", ((f"({tp.r},{tp.c})", tp.bds) for tp in job.tiles),
+                   cfg.tile.bds_per_channel),
+                  ("shim", ((str(c), per) for c, per in job.shim_bds.items()),
+                   cfg.ddr.bds_per_channel),
+                  ("memtile", ((str(c), per) for c, per in job.memtile_bds.items()),
+                   mcfg.bds_per_channel)]
+        for what, units, n in limits:
+            for name, per in units:
+                for ch, bds in per.items():
+                    if len(bds) > n:
+                        raise ValueError(f"{what} {name} channel {ch} has {len(bds)} BDs, "
+                                         f"its BD table {n} ({cfg.name})")
 
     def _capture(self, job, chans: dict, memtiles: dict[int, np.ndarray],
                  mcfg) -> tuple[int, dict]:

@@ -100,8 +100,6 @@ CH_W = (1, 2)
 #: Memtile locks: a replayed weight stream of column bus ``j`` waits on ``MT_LOCKS[j]``.
 MT_LOCKS = (0, 1)
 CH_OUT = (N_S2MM, N_S2MM + 1)
-#: Buffer descriptors per tile channel (TileUnit default).
-TILE_BDS = 16
 #: What the run splitter charges for one more overlay run, in cycles, charged as the DDR
 #: words the array's read channels move in them: its start-up (the DDR latency, the first
 #: weight chunk and activation part before any tile computes) and its drain (the last
@@ -1060,7 +1058,7 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
                 for nbuf, split, ramp, down in _TIERS if can_split else _TIERS_WHOLE:
                     cap = (free // nbuf) // (8 * b) * (8 * b)
                     if cap > 0:
-                        ch = _chunks(rows, nnz, taps * b, cap, b, qrec, TILE_BDS, split,
+                        ch = _chunks(rows, nnz, taps * b, cap, b, qrec, t.bds_per_channel, split,
                                      ramp * RAMP_WORDS, down)
                     if ch is not None:
                         break

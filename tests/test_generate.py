@@ -43,7 +43,8 @@ def _check_manifest(m: dict, name: str, out: Path) -> None:
     assert mod["parameters"] == {"pixels": cfg.tile.pixels, "block": cfg.tile.block,
                                  "dmem_bytes": mmap["dmem_bytes"],
                                  "dmem_banks": mmap["dmem_banks"],
-                                 "pmem_words": mmap["pmem_words"], "acc_depth": acc}
+                                 "pmem_words": mmap["pmem_words"], "acc_depth": acc,
+                                 "bds_per_channel": cfg.tile.bds_per_channel}
     ports = {p["name"]: (p["dir"], p["width"]) for p in m["ports"]}
     assert ports == expected_tile_ports(cfg.tile)
     assert ports["dm_rdata"] == ("out", mmap["word_bits"])

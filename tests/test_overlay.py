@@ -631,3 +631,17 @@ def test_model_shim_fifo_reads_ahead():
     assert np.array_equal(tiny.output, big.output)
     assert (tiny.rd_words, tiny.wr_words) == (big.rd_words, big.wr_words)
     assert big.cycles < tiny.cycles, (big.cycles, tiny.cycles)
+
+
+def test_model_rejects_more_bds_than_a_channel_holds():
+    """The model checks every channel's BDs against its table (tile, shim, memtile), as the
+    RTL would latch an error: a schedule must fit the configured BD tables."""
+    cfg = _cfg("tiny-2x2")
+    layer, x = _layer(LAYERS[0], 0.0, cfg.tile.block, 41)
+    al = compile_conv_array(layer, x, cfg)
+    job = al.jobs[0]
+    tp = next(t for t in job.tiles if t.bds.get(array_compiler.CH_W[0]))
+    bds = tp.bds[array_compiler.CH_W[0]]
+    tp.bds[array_compiler.CH_W[0]] = bds + [bds[-1]] * (cfg.tile.bds_per_channel + 1 - len(bds))
+    with pytest.raises(ValueError, match=r"tile \(\d,\d\) channel 1 has 17 BDs, its BD table 16"):
+        OverlayModel(cfg).run_layer(al)
