@@ -308,8 +308,7 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
         "config_bytes": al.config_bytes(),
     }
     # MACs the engines issue (non-zero blocks, channel padding included)
-    issued = al.nnz_blocks * b * b * al.kernel[0] * al.kernel[1] * al.out_shape[1] \
-        * al.out_shape[2]
+    issued = al.issued_macs
     reps = max(1, -(-LAYER_SPEED_CYCLES // max(res.cycles, 1)))
     out.update(_array_figures(cfg, al, res, want, model_exact, issued_macs=issued, rtl=rtl,
                               repeats=reps, progress=progress, t0=t0))
@@ -410,8 +409,13 @@ def _array_figures(cfg: OverlayConfig, al: Any, res: Any, want: Any, model_exact
         first = run[:len(jobs)]
         got = al.read_output(al.merge_outputs([r.ddr_out for r in first]))
         exact = model_exact and bool(np.array_equal(got.reshape(want.shape), np.asarray(want)))
-        exact = exact and all(np.array_equal(r.ddr_out, first[i % len(jobs)].ddr_out)
-                              for i, r in enumerate(run))
+        # every repeat wrote what the first did (each run's own outputs: the repeats share
+        # the DDR, where the other runs' outputs already are)
+        own = [al.job_output_index(j) for j in al.jobs]
+        exact = exact and all(
+            np.array_equal(np.asarray(r.ddr_out)[own[i % len(jobs)]],
+                           np.asarray(first[i % len(jobs)].ddr_out)[own[i % len(jobs)]])
+            for i, r in enumerate(run))
         cycles = sum(r.cycles for r in first)
         rd, wr = sum(r.rd_words for r in first), sum(r.wr_words for r in first)
         out.update({"sim_cycles_per_s": round(run.cycles_per_s),

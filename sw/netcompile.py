@@ -50,6 +50,7 @@ from tilewright.sw.array_compiler import (
     ArrayLayer,
     FusedAdd,
     Placement,
+    SpaceToDepth,
     _planes,
     compile_conv_array,
     compile_eltwise_array,
@@ -462,8 +463,13 @@ class CompiledNetwork:
                 a = cl.array.ddr_base
                 ddr[a:a + cl.array.ddr.size] = cl.array.ddr
         if xq is not None:
-            words = _planes(np.asarray(xq), self.cfg.tile.block)
-            a = self.plan.base[self.qnet.graph.input_name]
+            xq = np.asarray(xq)
+            inp = self.qnet.graph.input_name
+            for cl in self.layers:      # the conv reading the input as its rewrite, if any
+                if cl.array is not None and cl.array.s2d is not None and inp in cl.inputs:
+                    xq = cl.array.s2d.input(xq)
+            words = _planes(xq, self.cfg.tile.block)
+            a = self.plan.base[inp]
             ddr[a:a + words.size] = words
         return ddr
 
@@ -699,7 +705,14 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                                                  x_res=np.zeros(an.shape, np.int8))
                         cl.fused = an.name
                     elif isinstance(layer, ConvLayer):
-                        arr = compile_conv_array(layer, x, cfg, place=place)
+                        # the host writes the network input: in the space-to-depth layout
+                        # if the conv that alone reads it runs rewritten (CompiledNetwork.image)
+                        s2d = SpaceToDepth.of(layer, shp, b)
+                        repack = (s2d is not None and ins[0] == graph.input_name
+                                  and -(-s2d.shape[0] // b) * s2d.shape[1] * s2d.shape[2]
+                                  <= plan.words[ins[0]]
+                                  and sum(graph.input_name in m.inputs for m in nodes) == 1)
+                        arr = compile_conv_array(layer, x, cfg, place=place, repack=repack)
                     else:
                         arr = compile_eltwise_array(layer, x, cfg, place=place,
                                                     x_b=x if n.kind == "add" else None)

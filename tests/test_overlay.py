@@ -44,6 +44,7 @@ LAYERS = [
     ("7x1", 8, 12, (7, 1), 1, (3, 0), 7, True),
     ("5x5", 8, 8, (5, 5), 1, (2, 2), 6, True),
     ("stem7x7s2", 3, 16, (7, 7), 2, (3, 3), 16, True),
+    ("1x1s2", 24, 16, (1, 1), 2, (0, 0), 13, False),
 ]
 
 
@@ -78,6 +79,22 @@ def test_model_bit_exact(cfg_name, sparsity, case):
     assert (res.rd_words + res.wr_words) * b >= al.ddr_bytes_min - al.nnz_blocks * 2, \
         f"seed {seed}: fewer bytes than the lower bound"
     assert res.cycles > 0
+
+
+@pytest.mark.parametrize("cfg_name", ["tiny-2x2", "aie2-2x2"])
+def test_strided_1x1_reads_only_the_pixels_it_uses(cfg_name):
+    # a 1x1/2 convolution reads every second row and column (the BDs' strides): the input
+    # words read are the used pixels', so all reads stay under the layer's lower bound (the
+    # whole input is four times the used part: reading it all would exceed it)
+    cfg = _cfg(cfg_name)
+    case = next(c for c in LAYERS if c[0] == "1x1s2")
+    layer, x = _layer(case, 0.0, cfg.tile.block, 3)
+    al = compile_conv_array(layer, x, cfg)
+    res = OverlayModel(cfg).run_layer(al)
+    b = cfg.tile.block
+    assert np.array_equal(res.output, reference_output(layer, x))
+    assert al.in_region[1] * b > al.ddr_bytes_min      # reading the whole input would not fit
+    assert res.rd_words * b <= al.ddr_bytes_min
 
 
 def _eltwise_cases(seed: int) -> list:
@@ -494,12 +511,14 @@ def test_overlay_watchdog_reports_lock_wait():
 
 def test_stem_slice_is_cut_by_rows_over_both_channels():
     """A slice of one input channel group (a stem's three channels) comes in row parts on
-    both read channels of a column, each part's rows landing where the tile reads them."""
+    both read channels of a column, each part's rows landing where the tile reads them (the
+    stem as given: its space-to-depth rewrite has three channel groups)."""
     from tilewright.sim.overlay_model import _task_words
 
     cfg = _cfg("tiny-2x2")
     layer, x = _layer(LAYERS[6], 0.0, cfg.tile.block, 29)
-    al = compile_conv_array(layer, x, cfg)
+    al = compile_conv_array(layer, x, cfg, repack=False)
+    assert al.s2d is None
     rf = route_fields(cfg)
     for job in al.jobs:
         for c, per in job.shim_bds.items():
@@ -516,6 +535,41 @@ def test_stem_slice_is_cut_by_rows_over_both_channels():
             assert all(n > 1 for n in rows.values()), (c, rows)
     res = OverlayModel(cfg).run_layer(al)
     assert np.array_equal(res.output.reshape(-1), reference_output(layer, x).reshape(-1))
+
+
+@pytest.mark.parametrize("cin,k,p,size", [(3, 7, 3, 16), (3, 3, 0, 15), (3, 3, 1, 14),
+                                          (2, 5, 2, 11), (1, 2, 0, 9)])
+def test_space_to_depth_rewrite_is_the_same_convolution(cin, k, p, size):
+    rng = np.random.default_rng(100 + cin * k + p)
+    layer = make_conv(rng, cin, 8, (k, k), 2, (p, p), True, 0.0, 8, name="s2d")
+    x = rand_i8(rng, (cin, size, size))
+    t = array_compiler.SpaceToDepth.of(layer, x.shape, 8)
+    assert t is not None
+    assert t.input(x).shape == t.shape
+    got = reference_output(t.layer(layer), t.input(x))
+    assert np.array_equal(got, reference_output(layer, x)), (cin, k, p, size)
+    # a 3x3/2 conv on 64 channels would take more block-taps rewritten: left as it is
+    big = make_conv(rng, 64, 8, (3, 3), 2, (1, 1), True, 0.0, 8, name="big")
+    assert array_compiler.SpaceToDepth.of(big, (64, 14, 14), 8) is None
+
+
+def test_stem_runs_as_space_to_depth():
+    """The 7x7/2 stem on aie2-2x2 compiled as its 4x4/1 rewrite: bit for bit the same
+    output, fewer cycles and fewer DDR reads than compiled as given; the MACs and blocks are
+    the layer's, the lower bound takes the rewrite's smaller weights."""
+    cfg = _cfg("aie2-2x2")
+    layer, x = _layer(("stem", 3, 16, (7, 7), 2, (3, 3), 32, True), 0.0, cfg.tile.block, 31)
+    plain = compile_conv_array(layer, x, cfg, repack=False)
+    s2d = compile_conv_array(layer, x, cfg)
+    assert plain.s2d is None and s2d.s2d is not None
+    assert (s2d.macs, s2d.nnz_blocks, s2d.in_shape) == \
+        (plain.macs, plain.nnz_blocks, plain.in_shape)
+    assert s2d.ddr_bytes_min < plain.ddr_bytes_min     # its weights take fewer bytes
+    want = reference_output(layer, x)
+    ra, rb = OverlayModel(cfg).run_layer(plain), OverlayModel(cfg).run_layer(s2d)
+    assert np.array_equal(ra.output, want) and np.array_equal(rb.output, want)
+    assert rb.rd_words < ra.rd_words
+    assert rb.cycles < ra.cycles, (rb.cycles, ra.cycles)
 
 
 def test_model_single_weight_buffer(monkeypatch):
