@@ -142,6 +142,10 @@ RES_PARTS = 8
 #: until the shim's BDs suffice.
 _FUSED_TRIES = (*((n, q) for q in (RES_PARTS, 4, 2, 1)
                   for n in (ACT_PARTS_PER_CHANNEL, 8, 4, 2)), (1, 1))
+#: ... and for a kernel of more than one tap, whose blocks take longer, so that the parts
+#: need not come as soon (ResNet50 at 50 %: the 3x3 layers 0.1 to 2.6 % faster with 8
+#: than with 16, the 1x1 layers 4 to 12 % slower; layer3.1.conv2 19 574 -> 19 172 cycles).
+ACT_PARTS_KXK = 8
 #: Activation parts per channel an unfused layer tries, in order.
 _ACT_TRIES = tuple(n for n in (ACT_PARTS_PER_CHANNEL, 12, 8, 6, 4, 3, 2, 1)
                    if n <= ACT_PARTS_PER_CHANNEL)
@@ -239,6 +243,9 @@ class TilePlan:
         Initial lock values.
     regions : dict[str, tuple[int, int]]
         ``name -> (first word, words)``: ``wbuf0``, ``wbuf1``, ``in``, ``out``.
+    bands : int
+        Bands of output rows the tile computes one after the other (:func:`_bands`; 1: the
+        whole rectangle at once).
     """
 
     r: int
@@ -249,6 +256,7 @@ class TilePlan:
     bds: dict[int, list[BufferDescriptor]] = field(default_factory=dict)
     locks: dict[int, int] = field(default_factory=dict)
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    bands: int = 1
 
 
 @dataclass
@@ -630,6 +638,42 @@ def _row_cuts(rows: int, n: int, first: int, height: int) -> list[tuple[int, int
         last = cuts.pop()
         cuts[-1] = (cuts[-1][0], last[1])
     return cuts
+
+
+def _bands(geo: _Geometry, t, rows: int, cols: int, first: int, n_act_parts: int
+           ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]] | None:
+    """Output row bands for a tile whose ``rows x cols`` rectangle has more pixel groups than
+    an accumulator buffer holds (its CONVs cannot stop at an activation part, so without
+    bands it computes only once its whole slice has landed): the core runs every block row
+    on one band of output rows after the other, each band once the slice rows it needs have
+    landed, while the rest stream in. Returns the bands, the slice-row parts (each at least
+    one image row: ``first`` is the slice's first image row) and per band its last part;
+    None where bands do not apply (one output row, or a row-major slice row too long for
+    ``IN_ROW``)."""
+    if rows < 2 or rows * _cdiv(cols, t.pixels) <= t.acc_depth:
+        return None
+    cols_in = geo.cols_in(cols)
+    if not param_range(Param.IN_ROW, t).accepts(geo.gin * cols_in) or \
+            not param_range(Param.IN_BASE, t).accepts(geo.rows_in(rows) * geo.gin * cols_in):
+        return None
+    bands = [bd for bd in _split_rows(rows, min(rows, max(1, n_act_parts // 2))) if bd[1] > bd[0]]
+    ends = [(o1 - 1) * geo.s + geo.kh for _, o1 in bands]
+    ends[-1] = geo.rows_in(rows)
+    cuts: list[tuple[int, int]] = []
+    start = 0
+    for e in ends:
+        if e <= start:
+            continue
+        # a part of halo rows only (no image row) joins the next one
+        if min(first + e, geo.h) > max(first + start, 0):
+            cuts.append((start, e))
+            start = e
+    if start < ends[-1]:
+        if not cuts:
+            return None
+        cuts[-1] = (cuts[-1][0], ends[-1])
+    last = [min(i for i, (_, yb) in enumerate(cuts) if yb >= e) for e in ends]
+    return bands, cuts, last
 
 
 def _max_groups(ranges: list[tuple[int, int, int, int]], pixels: int) -> int:
@@ -1030,7 +1074,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     # as many activation parts as the shim's BDs allow (more parts: the cores start sooner);
     # a fused layer's residual parts too (more: the earlier the first outputs leave). The
     # runs of a layer are alike: each starts from what the one before could take
-    tries = ([(n, 0) for n in _ACT_TRIES] if fuse is None
+    most = ACT_PARTS_PER_CHANNEL if kh * kw == 1 else ACT_PARTS_KXK
+    tries = ([(n, 0) for n in _ACT_TRIES if n <= most] if fuse is None
              else list(_FUSED_TRIES))
     first_try = 0
     for ji, (row_ranges, col_rows, chunks, layout) in enumerate(jobs_spec):
@@ -1074,9 +1119,11 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
 
 def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
-                   act_parts: int = 2 * ACT_PARTS_PER_CHANNEL, fused: bool = False) -> int:
+                   act_parts: int = 2 * ACT_PARTS_PER_CHANNEL, fused: bool = False,
+                   bands: int = 1) -> int:
     """Words of a tile program over ``chunks`` (as :func:`_build_job` writes it) whose input
-    slice comes in ``act_parts`` parts (``fused``: with a residual add's epilogue)."""
+    slice comes in ``act_parts`` parts (``fused``: with a residual add's epilogue; ``bands``:
+    computed in that many row bands, :func:`_bands`)."""
     # SETPs, HALT, the input's ACQs and the CONVs they cut (HOLD, SETP, ACC: 4 words more)
     n = 11 + 1 + 5 * act_parts
     if fused:
@@ -1089,7 +1136,8 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
         parts = len(chk.parts(b))
         n += 2 * parts + 3 + 1 + 4 * (parts - 1)    # ACQ/REL per part, 3 SETPs, fence, a cut
         n += 1 if chk.rows else 0                   # REL of the output buffer
-        n += sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
+        n += bands * sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
+        n += 6 * (bands - 1)                        # per band 5 SETPs and an ACQ
     return n
 
 
@@ -1107,8 +1155,10 @@ def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
       of the larger of the two: the smaller of the two is lost, summed over the column's
       chunks.
     * Where a tile's pixel groups do not fit the accumulators the core cannot cut its CONVs
-      at the activation parts, so it computes only once its whole input slice has landed:
-      the smaller of the slice's transfer and the column's compute is lost.
+      at the activation parts: the smaller of the slice's transfer and the column's compute
+      is charged (row bands, :func:`_bands`, lose less; charging only the first band's
+      transfer made ResNet50 at 50 % on aie2-4x4 1.9 % slower, with fewer runs of more
+      rows).
 
     The slowest column of each run counts; the cycles are charged as the words the array's
     read channels would move in them, so that more runs (double-buffered, or with fewer pixel
@@ -1321,6 +1371,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # (c, ch) -> [(first step that needs it, part, words, [BDs])]
     act_items: dict[tuple[int, int], list[tuple[int, int, int, list[BufferDescriptor]]]] = {}
     part_stage: dict[int, list[int]] = {}         # row -> the channel slot of each part
+    # row -> (output row bands, slice row parts, last part each band needs) where the tiles
+    # compute in bands (_bands)
+    bands_of: dict[int, tuple] = {}
     stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its part
     aw = t.addr_bits
     res_parts: dict[tuple[int, int], list[int]] = {}    # tile -> end row of each residual part
@@ -1343,24 +1396,43 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         if geo.gin < per_row:
             cuts = _row_cuts(rows_in, per_row * n_act_parts // geo.gin, a0, geo.h)
             parts = [(g, g + 1, ya, yb) for g in range(geo.gin) for ya, yb in cuts]
+        band = _bands(geo, t, h1 - h0, w1 - w0, a0, n_act_parts) if fuse is None else None
+        if band is not None:
+            # the cores compute band after band of output rows: the slice comes in row parts
+            # of every channel group, stored row-major ([row][group][column]), each part the
+            # rows its band needs beyond the bands before
+            bands_of[r] = band
+            parts = [(0, geo.gin, ya, yb) for ya, yb in band[1]]
         part_stage[r] = [pi % n_slots for pi in range(len(parts))]
         stage_of[r] = np.array([max(pi for pi, (g0, g1, _, _) in enumerate(parts)
                                     if g0 <= g < g1) for g in range(geo.gin)])
+        # blocks of the smallest first chunk of the columns (when the second band starts)
+        first_blocks = min((chunk_at[c][1] if len(chunk_at[c]) > 1 else len(seq[c])
+                            for c in range(C) if seq[c]), default=0)
         for pi, (g0, g1, ya, yb) in enumerate(parts):
             iy0, iy1 = max(a0 + ya, 0), min(a0 + yb, geo.h)
             ptop, pbot = iy0 - (a0 + ya), (a0 + yb) - iy1
             n_words = (g1 - g0) * (yb - ya) * cols_in
             lock = ACT_LOCKS[pi % n_slots]
             route = (1 + n_words) | (1 << (rf.row + r)) | rf.all_cols(C)
-            write = n_words | ((g0 * plane + ya * cols_in) << 16) | (lock << (16 + aw))
+            at = g0 * plane + ya * cols_in if band is None else ya * geo.gin * cols_in
+            write = n_words | (at << 16) | (lock << (16 + aw))
             hbase = put(np.array([route, write], dtype=np.uint64))
             sub, in_row, in_plane = geo.sub, geo.sub * geo.in_w, geo.in_h * geo.in_w
-            part = BufferDescriptor(in_base + g0 * in_plane + iy0 * in_row + x0 * sub,
-                                    (x1 - x0, iy1 - iy0, g1 - g0), (sub, in_row, in_plane),
-                                    (pad_l, ptop, 0), (pad_r, pbot, 0))
-            # the first step at which a core of any column uses an input group of this part
-            need = min((int(np.searchsorted(seen[c], g0)) for c in range(C) if seq[c]),
-                       default=0)
+            if band is None:
+                part = BufferDescriptor(in_base + g0 * in_plane + iy0 * in_row + x0 * sub,
+                                        (x1 - x0, iy1 - iy0, g1 - g0), (sub, in_row, in_plane),
+                                        (pad_l, ptop, 0), (pad_r, pbot, 0))
+                # the first step at which a core of any column uses an input group of it
+                need = min((int(np.searchsorted(seen[c], g0)) for c in range(C) if seq[c]),
+                           default=0)
+            else:
+                part = BufferDescriptor(in_base + iy0 * in_row + x0 * sub,
+                                        (x1 - x0, geo.gin, iy1 - iy0), (sub, in_plane, in_row),
+                                        (pad_l, 0, ptop), (pad_r, 0, pbot))
+                # the first band that needs it starts after the earlier bands of chunk 0
+                bi = min(i for i, last in enumerate(band[2]) if last >= pi)
+                need = bi * first_blocks // len(band[0])
             key = chans[(ri * per_row + pi % n_slots) % len(chans)]
             act_items.setdefault(key, []).append(
                 (need, pi, n_words, [BufferDescriptor(hbase, (2,), (1,)), part]))
@@ -1527,7 +1599,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 else:
                     addr = plane + h0 * geo.wo
                     tp.dm[outb + j * out_cg] = (nrows * ncols) | (addr << 16)
-            params = {"IN_BASE": inb, "IN_ROW": cols_in, "IN_CG": rows_in * cols_in,
+            # a slice that comes in row bands is stored row-major: [row][group][column]
+            in_row, in_cg = ((cols_in, rows_in * cols_in) if r not in bands_of
+                             else (geo.gin * cols_in, cols_in))
+            params = {"IN_BASE": inb, "IN_ROW": in_row, "IN_CG": in_cg,
                       "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows, "WO": ncols,
                       "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "SHIFT": layer.shift}
             if fuse is not None:
@@ -1555,8 +1630,37 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             mid_ends = set() if fuse is not None else {a + n for a, n in out_groups} - {
                 ck.first + len(ck.rows) for ck in chunks[c] if ck.rows}
 
+            band = bands_of.get(r)
+            tp.bands = len(band[0]) if band else 1
             for k, chk in enumerate(chunks[c]):
                 buf, nparts = k % nbuf, len(chk.parts(b))
+                if band is not None:
+                    # every block row of the chunk on each band of output rows in turn, each
+                    # band once the slice rows it needs have landed (whole rows: no pieces)
+                    for part in range(nparts):
+                        p.acquire(LOCK_WFULL[buf][part])
+                    bands, _, last_part = band
+                    for bi, (o0, o1) in enumerate(bands):
+                        got = _take_parts(p, slots, got, last_part[bi])
+                        p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
+                                OUT_BASE=convb + chk.first * out_cg + 1 + o0 * out_row,
+                                IN_BASE=inb + o0 * geo.s * params["IN_ROW"], HO=o1 - o0)
+                        for g, j0, j1 in chk.pieces:
+                            assert (j0, j1) == (0, int(mask[g].sum()))
+                            p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
+                            if bi == len(bands) - 1:
+                                n_done += 1
+                                if n_done in mid_ends:
+                                    p.nop(fence=True)
+                                    p.release(LOCK_OFULL[(n_out + r) % 2])
+                                    n_out += 1
+                    p.nop(fence=True)
+                    for part in range(nparts):
+                        p.release(LOCK_WEMPTY[buf][part])
+                    if chk.rows:
+                        p.release(LOCK_OFULL[(n_out + r) % 2])
+                        n_out += 1
+                    continue
                 if not can_cut:
                     # the parts of every group chunks 0..k use
                     end = chunk_at[c][k + 1] if k + 1 < len(chunks[c]) else len(seq[c])
@@ -1643,7 +1747,8 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             got = _take_parts(p, slots, got, len(slots) - 1)
             tp.program = p.halt().words
             assert len(tp.program) <= _program_words(chunks[c], mask.sum(axis=1), b,
-                                                     len(slots), fuse is not None)
+                                                     len(slots), fuse is not None,
+                                                     len(band[0]) if band else 1)
             if len(tp.program) > t.pmem_words:
                 raise _ProgramTooLong(f"layer {layer.name!r}: tile ({r},{c}) program has "
                                  f"{len(tp.program)} words, program memory holds "

@@ -398,8 +398,9 @@ def test_generate_overlay(tmp_path):
 
 @pytest.mark.verilator
 def test_overlay_rtl_bit_exact():
-    """Several layers (one of them split into two runs; max, average and global pools; a
-    residual add) on the tiny 2x2 array, one simulator process: RTL output == PyTorch integer
+    """Several layers (one of them split into two runs, one in row bands, a stem as given
+    and as space-to-depth; max, average and global pools; a residual add) on the tiny 2x2
+    array, one simulator process: RTL output == PyTorch integer
     reference, DDR traffic == the model's."""
     from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
 
@@ -408,12 +409,17 @@ def test_overlay_rtl_bit_exact():
     cases = [_layer(LAYERS[0], 0.0, b, 21), _layer(LAYERS[1], 0.5, b, 22),
              _layer(LAYERS[3], 0.5, b, 23), _linear(48, 20, 0.5, b, 24),
              _layer(("big", 48, 40, (3, 3), 1, (1, 1), 20, True), 0.5, b, 25),
-             _layer(LAYERS[6], 0.0, b, 28)]          # one input group: row parts
+             _layer(LAYERS[6], 0.0, b, 28),           # one input group: row parts
+             _layer(LAYERS[6], 0.5, b, 29)]           # the stem as space-to-depth
     rng = np.random.default_rng(27)          # block rows in pieces (CONV .hold/.acc)
     cases.append((make_conv(rng, 1024, 8, (3, 3), 1, (1, 1), False, 0.5, b),
                   rand_i8(rng, (1024, 3, 3))))
-    compiled = [(layer, x, None, compile_conv_array(layer, x, cfg)) for layer, x in cases]
-    assert len(compiled[-3][3].jobs) > 1
+    compiled = [(layer, x, None, compile_conv_array(layer, x, cfg, repack=k != 5))
+                for k, (layer, x) in enumerate(cases)]
+    assert compiled[5][3].s2d is None and compiled[6][3].s2d is not None
+    assert len(compiled[4][3].jobs) > 1
+    # tiles computing in row bands (more pixel groups than an accumulator buffer)
+    assert any(tp.bands > 1 for job in compiled[0][3].jobs for tp in job.tiles)
     assert any(j0 > 0 for job in compiled[-1][3].jobs for col in job.chunks for chk in col
                for _, j0, _ in chk.pieces)
     compiled += [(layer, x, xb, compile_eltwise_array(layer, x, cfg, x_b=xb))
