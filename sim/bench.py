@@ -307,11 +307,10 @@ def bench_layer(cfg: OverlayConfig, *, model: str = "resnet50", layer: str = "la
         # (CONV block indices included), output packet headers and buffer descriptors
         "config_bytes": al.config_bytes(),
     }
-    # MACs the engines issue (non-zero blocks, channel padding included)
-    issued = al.issued_macs
     reps = max(1, -(-LAYER_SPEED_CYCLES // max(res.cycles, 1)))
-    out.update(_array_figures(cfg, al, res, want, model_exact, issued_macs=issued, rtl=rtl,
-                              repeats=reps, progress=progress, t0=t0))
+    # MACs the engines issue: non-zero blocks, channel padding included
+    out.update(_array_figures(cfg, al, res, want, model_exact, issued_macs=al.issued_macs,
+                              rtl=rtl, repeats=reps, progress=progress, t0=t0))
     return out
 
 

@@ -676,6 +676,19 @@ def _bands(geo: _Geometry, t, rows: int, cols: int, first: int, n_act_parts: int
     return bands, cuts, last
 
 
+def _free_chunk(p: Program, buf: int, nparts: int, out_lock: int | None) -> int:
+    """End a weight chunk in ``p``: wait for its writebacks, free weight buffer ``buf``'s
+    ``nparts`` parts and, with ``out_lock``, release the chunk's outputs to MM2S. Returns the
+    output releases (0 or 1)."""
+    p.nop(fence=True)
+    for part in range(nparts):
+        p.release(LOCK_WEMPTY[buf][part])
+    if out_lock is None:
+        return 0
+    p.release(out_lock)
+    return 1
+
+
 def _max_groups(ranges: list[tuple[int, int, int, int]], pixels: int) -> int:
     """Pixel groups of the largest of the output rectangles ``ranges`` (a row of ``w`` pixels
     is ``ceil(w / pixels)`` groups)."""
@@ -1377,6 +1390,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its part
     aw = t.addr_bits
     res_parts: dict[tuple[int, int], list[int]] = {}    # tile -> end row of each residual part
+    # blocks of the smallest first chunk of the columns (when a second row band starts)
+    first_blocks = min((chunk_at[c][1] if len(chunk_at[c]) > 1 else len(seq[c])
+                        for c in range(C) if seq[c]), default=0)
     for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
         rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
@@ -1406,9 +1422,6 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
         part_stage[r] = [pi % n_slots for pi in range(len(parts))]
         stage_of[r] = np.array([max(pi for pi, (g0, g1, _, _) in enumerate(parts)
                                     if g0 <= g < g1) for g in range(geo.gin)])
-        # blocks of the smallest first chunk of the columns (when the second band starts)
-        first_blocks = min((chunk_at[c][1] if len(chunk_at[c]) > 1 else len(seq[c])
-                            for c in range(C) if seq[c]), default=0)
         for pi, (g0, g1, ya, yb) in enumerate(parts):
             iy0, iy1 = max(a0 + ya, 0), min(a0 + yb, geo.h)
             ptop, pbot = iy0 - (a0 + ya), (a0 + yb) - iy1
@@ -1654,12 +1667,8 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                     p.nop(fence=True)
                                     p.release(LOCK_OFULL[(n_out + r) % 2])
                                     n_out += 1
-                    p.nop(fence=True)
-                    for part in range(nparts):
-                        p.release(LOCK_WEMPTY[buf][part])
-                    if chk.rows:
-                        p.release(LOCK_OFULL[(n_out + r) % 2])
-                        n_out += 1
+                    n_out += _free_chunk(p, buf, nparts,
+                                         LOCK_OFULL[(n_out + r) % 2] if chk.rows else None)
                     continue
                 if not can_cut:
                     # the parts of every group chunks 0..k use
@@ -1736,12 +1745,8 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 while wgot < nparts:
                     p.acquire(LOCK_WFULL[buf][wgot])
                     wgot += 1
-                p.nop(fence=True)
-                for part in range(nparts):
-                    p.release(LOCK_WEMPTY[buf][part])
-                if fuse is None and chk.rows:
-                    p.release(LOCK_OFULL[(n_out + r) % 2])
-                    n_out += 1
+                n_out += _free_chunk(p, buf, nparts, LOCK_OFULL[(n_out + r) % 2]
+                                     if fuse is None and chk.rows else None)
             # every part, needed or not: a job leaves each lock as it found it (the next job's
             # configuration sets only the locks it starts from)
             got = _take_parts(p, slots, got, len(slots) - 1)
