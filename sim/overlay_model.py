@@ -377,12 +377,21 @@ class OverlayModel:
         self._timing_model = TileModel(cfg.tile, timing_only=True)
         self.interval = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
 
-    def run_layer(self, layer) -> ModelResult:
+    def run_layer(self, layer, memtiles: dict[int, np.ndarray] | None = None) -> ModelResult:
         """Run every job of ``layer`` (an :class:`~tilewright.sw.array_compiler.ArrayLayer`)
-        in turn on one DDR image."""
+        in turn on one DDR image and ``memtiles`` (updated in place: what the layer's jobs
+        write there is there for the next layer). Without ``memtiles``, fresh ones, holding
+        the weight streams a previous layer would have prefetched for the first job
+        (:attr:`~tilewright.sw.array_compiler.ArrayJob.prefetch`, read from the image)."""
         ddr = np.array(layer.ddr, dtype=np.uint64, copy=True)
         results = []
-        memtiles = self.new_memtiles()
+        if memtiles is None:
+            memtiles = self.new_memtiles()
+            for (c, _), (base, pieces) in (layer.jobs[0].prefetch.items() if layer.jobs
+                                           else ()):
+                for _, src, n in pieces:
+                    memtiles[c][base:base + n] = ddr[src:src + n]
+                    base += n
         for job in layer.jobs:
             ddr, res = self.run_job(job, ddr, memtiles)
             results.append(res)
@@ -518,6 +527,11 @@ class OverlayModel:
                 pos += 1 + n
             writer_free[(c, k)] = t
             end = max(end, t)
+        # the job is done once every read channel has sent its last packet too (a prefetch
+        # for the next layer's memtile replay may outlast the cores)
+        for chan in chans.values():
+            for pk in chan.packets:
+                end = max(end, float(pk.end))
         for key, run in runs.items():
             end = max(end, float(run.cycles))
             if run.error is not ErrorCode.NONE:

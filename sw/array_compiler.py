@@ -80,7 +80,9 @@ __all__ = [
     "Placement",
     "SpaceToDepth",
     "TilePlan",
+    "add_prefetch",
     "compile_conv_array",
+    "memtile_end",
     "read_planes",
 ]
 
@@ -282,7 +284,12 @@ class ArrayJob:
         S2MM channel ``k`` takes what read channel ``k`` sends) or replays streams an earlier
         job of the layer captured (MM2S channel ``j`` into column bus ``j``), never both.
     memtile_use : dict[int, str]
-        Per column that uses its memtile: ``"capture"`` or ``"replay"``.
+        Per column that uses its memtile: ``"capture"``, ``"replay"`` or ``"prefetched"``
+        (a replay of streams the previous layer's last job brought: :func:`add_prefetch`).
+    prefetch : dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]]
+        Per ``(column, bus)`` of a ``"prefetched"`` column: the memtile word its stream
+        starts at and the pieces the previous layer reads, ``(DDR word of the piece's
+        header, DDR word of its stream words, words)``.
     """
 
     index: int
@@ -293,6 +300,8 @@ class ArrayJob:
     chunks: list[list[Chunk]]
     memtile_bds: dict[int, dict[int, list[BufferDescriptor]]] = field(default_factory=dict)
     memtile_use: dict[int, str] = field(default_factory=dict)
+    prefetch: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = field(
+        default_factory=dict)
 
     def records(self, cfg: OverlayConfig) -> list:
         """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
@@ -392,6 +401,9 @@ class ArrayLayer:
     issued_macs : int
         MACs the engines issue: every non-zero block of the layer as it runs (its rewrite's)
         over every tap and output pixel, channel padding included.
+    extra_reads : tuple[tuple[int, numpy.ndarray], ...]
+        ``(first word, words)`` of DDR this layer's jobs read beyond :attr:`ddr` and its
+        tensors: the next layer's weight streams its last job prefetches (:func:`add_prefetch`).
     """
 
     name: str
@@ -411,6 +423,7 @@ class ArrayLayer:
     operand_regions: tuple[tuple[int, int], ...] = ()
     s2d: SpaceToDepth | None = None
     issued_macs: int = 0
+    extra_reads: tuple[tuple[int, np.ndarray], ...] = ()
 
     def config_bytes(self) -> int:
         """Bytes the configuration port loads over all runs: programs (8 bytes a word, block
@@ -958,7 +971,8 @@ class SpaceToDepth:
 def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                        name: str | None = None, place: Placement | None = None,
                        memtile: bool = True, fuse: FusedAdd | None = None,
-                       x_res: np.ndarray | None = None, repack: bool = True) -> ArrayLayer:
+                       x_res: np.ndarray | None = None, repack: bool = True,
+                       prefetch_at: dict[int, int] | None = None) -> ArrayLayer:
     """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
 
     Parameters
@@ -984,6 +998,12 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
         rewrite where that takes fewer block-taps: the input region then holds
         :meth:`SpaceToDepth.input` of the input (:attr:`ArrayLayer.s2d`; with ``place`` the
         caller writes it so).
+    prefetch_at : dict[int, int], optional
+        Per column, the first memtile word the previous layer's last job leaves free: a
+        layer of one run whose column's weight streams fit from there replays them from the
+        memtile (``"prefetched"``), and the previous layer's last job brings them
+        (:func:`add_prefetch`, which the caller applies; the streams lie in this layer's DDR
+        image, :attr:`ArrayJob.prefetch`).
 
     Raises
     ------
@@ -1083,7 +1103,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     jobs: list[ArrayJob] = []
     wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
-    mt_plan = _memtile_plan(jobs_spec, cfg) if memtile else [{} for _ in jobs_spec]
+    mt_plan = (_memtile_plan(jobs_spec, cfg, prefetch_at) if memtile
+               else [{} for _ in jobs_spec])
     # as many activation parts as the shim's BDs allow (more parts: the cores start sooner);
     # a fused layer's residual parts too (more: the earlier the first outputs leave). The
     # runs of a layer are alike: each starts from what the one before could take
@@ -1496,6 +1517,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     # ---- each read channel streams its activation parts and weight packets in the order
     # the cores need them; consecutive weight packets are one DDR run ------------------------
     memtile_bds: dict[int, dict[int, list[BufferDescriptor]]] = {}
+    prefetch: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
     mcfg = array_memtile(cfg)
     for c, (use, bases) in mt_use.items():
         for bus in (0, 1):
@@ -1503,7 +1525,8 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             if words and use == "capture":
                 memtile_bds.setdefault(c, {})[bus] = _chain(_linear_bds(bases[bus], words))
     for c in range(C):
-        replay = mt_use.get(c, ("",))[0] == "replay"
+        use_c = mt_use.get(c, ("",))[0]
+        replay = use_c in ("replay", "prefetched")
         for ch in (0, 1):
             # by the latest cycle each can start streaming and still arrive in time: when
             # the cores need it (a block takes `step` cycles) less its time on the channel
@@ -1542,6 +1565,18 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     grouped.append((is_act, it if is_act else [it]))
             runs = [sum(x.size for x in it) for is_act, it in grouped if not is_act]
             n_groups = 0
+            if use_c == "prefetched" and wl:
+                # the previous layer's last job brings this bus's stream into the memtile:
+                # it lies in DDR in one piece, after the headers of the wrapper packets (only
+                # the `mt` bit: no tile sees them) that carry it, 65535 words at most each
+                stream = np.concatenate([w for _, w in wl])
+                src = put(stream)
+                pieces = []
+                for off in range(0, stream.size, 0xFFFF):
+                    n = min(0xFFFF, stream.size - off)
+                    hdr = put(np.array([n | (1 << rf.mt)], np.uint64))
+                    pieces.append((hdr, src + off, n))
+                prefetch[(c, ch)] = (mt_use[c][1][ch], pieces)
             if replay and runs:
                 replay_bds, n_groups = _replay_bds(mt_use[c][1][ch], runs, ch, mcfg,
                                                    cfg.memtile.bytes // b - 1)
@@ -1772,7 +1807,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)
     return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks, memtile_bds,
-                    {c: use for c, (use, _) in mt_use.items()})
+                    {c: use for c, (use, _) in mt_use.items()}, prefetch)
 
 
 def _replay_bds(base: int, runs: list[int], bus: int, mcfg, scratch: int
@@ -1804,16 +1839,23 @@ def _active_rows(row_ranges: list[tuple[int, int, int, int]]) -> list[int]:
     return [r for r, (h0, h1, w0, w1) in enumerate(row_ranges) if h1 > h0 and w1 > w0]
 
 
-def _memtile_plan(jobs_spec, cfg: OverlayConfig) -> list[dict[int, tuple[str, tuple[int, int]]]]:
+def _memtile_plan(jobs_spec, cfg: OverlayConfig, prefetch_at: dict[int, int] | None = None
+                  ) -> list[dict[int, tuple[str, tuple[int, int]]]]:
     """Per job, the columns that capture their weight streams into the memtile or replay them
-    from it: ``{column: ("capture" | "replay", (memtile word of bus 0's stream, of bus 1's))}``.
+    from it: ``{column: ("capture" | "replay" | "prefetched", (memtile word of bus 0's
+    stream, of bus 1's))}``.
 
     Two runs stream a column the same weight packets when they give it the same chunks and
     the same active tile rows (runs over parts of the output rows). The first run of such a
     group captures them (the packets read from DDR also go into the memtile, headers and all)
     and the others replay them: their weights come from the memtile at a word a cycle on
     each column bus, and the column's DDR channels carry only activations. A group whose
-    streams do not fit what is left of the memtile reads them from DDR every time."""
+    streams do not fit what is left of the memtile reads them from DDR every time.
+
+    With ``prefetch_at`` (per column, the first memtile word the previous layer's last job
+    leaves free; streams go from there on) the first job's streams that fit are
+    ``"prefetched"``: the previous layer brings them and this layer replays them from its
+    first run on."""
     b = cfg.tile.block
     mt = array_memtile(cfg)
     if mt.s2mm < 2 or mt.mm2s < 2:
@@ -1829,13 +1871,14 @@ def _memtile_plan(jobs_spec, cfg: OverlayConfig) -> list[dict[int, tuple[str, tu
         for key in per:
             if key is not None:
                 count[key] = count.get(key, 0) + 1
-    used = [0] * cfg.array.cols
+    used = [(prefetch_at or {}).get(c, 0) for c in range(cfg.array.cols)]
     stored: dict = {}
     plan: list[dict[int, tuple[str, tuple[int, int]]]] = []
-    for (_tr, _cr, chunks, _lay), per in zip(jobs_spec, keys, strict=True):
+    for ji, ((_tr, _cr, chunks, _lay), per) in enumerate(zip(jobs_spec, keys, strict=True)):
         mine: dict[int, tuple[str, tuple[int, int]]] = {}
+        pre = ji == 0 and prefetch_at is not None
         for c, key in enumerate(per):
-            if key is None or count[key] < 2:
+            if key is None or (count[key] < 2 and not pre):
                 continue
             if key in stored:
                 mine[c] = ("replay", stored[key])
@@ -1846,9 +1889,54 @@ def _memtile_plan(jobs_spec, cfg: OverlayConfig) -> list[dict[int, tuple[str, tu
                 continue
             stored[key] = (used[c], used[c] + words[0])
             used[c] += sum(words)
-            mine[c] = ("capture", stored[key])
+            mine[c] = ("prefetched" if pre else "capture", stored[key])
         plan.append(mine)
     return plan
+
+
+def memtile_end(job: ArrayJob, cfg: OverlayConfig) -> dict[int, int]:
+    """Per column, the end of the memtile words ``job`` reads or writes (its captured and
+    replayed streams; the tokens' landing word, the memtile's last, not counted)."""
+    from tilewright.sim.dm_model import bd_addresses
+
+    scratch = cfg.memtile.bytes // cfg.tile.block - 1
+    end: dict[int, int] = {}
+    for c, per in job.memtile_bds.items():
+        for bds in per.values():
+            for bd in bds:
+                addrs, ok = bd_addresses(bd)
+                addrs = addrs[ok & (addrs != scratch)]
+                if addrs.size:
+                    end[c] = max(end.get(c, 0), int(addrs.max()) + 1)
+    return end
+
+
+def add_prefetch(job: ArrayJob, nxt: ArrayJob, cfg: OverlayConfig) -> bool:
+    """Make ``job`` (a layer's last run) bring the weight streams of ``nxt`` (the next
+    layer's one run, compiled with ``prefetch_at``) into the memtiles: each column read
+    channel ``k`` reads, after everything else, the wrapper packets of bus ``k``'s stream
+    (:attr:`ArrayJob.prefetch`), which memtile S2MM ``k`` writes where ``nxt`` replays them
+    from (the wrapper header to the tokens' landing word). Changes nothing and returns False
+    if a BD table would overflow."""
+    mcfg = array_memtile(cfg)
+    scratch = cfg.memtile.bytes // cfg.tile.block - 1
+    shim: dict[tuple[int, int], list[BufferDescriptor]] = {}
+    mt: dict[tuple[int, int], list[BufferDescriptor]] = {}
+    for (c, bus), (base, pieces) in sorted(nxt.prefetch.items()):
+        rd = list(job.shim_bds.get(c, {}).get(bus, []))
+        wr = list(job.memtile_bds.get(c, {}).get(bus, []))
+        off = base
+        for hdr, src, n in pieces:
+            rd += [BufferDescriptor(hdr, (1,), (1,)), *_linear_bds(src, n)]
+            wr += [BufferDescriptor(scratch, (1,), (1,)), *_linear_bds(off, n)]
+            off += n
+        if len(rd) > cfg.ddr.bds_per_channel or len(wr) > mcfg.bds_per_channel:
+            return False
+        shim[(c, bus)], mt[(c, bus)] = _chain(rd), _chain(wr)
+    for (c, bus), bds in shim.items():
+        job.shim_bds.setdefault(c, {})[bus] = bds
+        job.memtile_bds.setdefault(c, {})[bus] = mt[(c, bus)]
+    return True
 
 
 def _weight_lines_all(layer: ConvLayer, b: int) -> list[np.ndarray]:

@@ -296,6 +296,10 @@ def _net_args(p: argparse.ArgumentParser, verify: bool) -> None:
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="run every residual add on its own instead of in the epilogue of the "
                         "conv that feeds it")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="every conv reads its weights from DDR in its own runs (default: a "
+                        "layer's last run prefetches the next conv's weights into the memtiles "
+                        "where its DDR channels have the time)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     if not verify:
         p.add_argument("-o", "--output", type=Path, metavar="DIR",
@@ -310,7 +314,8 @@ def _compile(args: argparse.Namespace, estimate: bool = True) -> CompiledNetwork
     return compile_network(args.model, cfg, sparsity=args.sparsity,
                            checkpoint=args.checkpoint, seed=args.seed, calib=args.calib,
                            input_shape=args.input_shape, estimate=estimate,
-                           bar=sys.stderr.isatty(), fuse=args.fuse)
+                           bar=sys.stderr.isatty(), fuse=args.fuse,
+                           prefetch=args.prefetch)
 
 
 def _net_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -52,8 +52,10 @@ from tilewright.sw.array_compiler import (
     Placement,
     SpaceToDepth,
     _planes,
+    add_prefetch,
     compile_conv_array,
     compile_eltwise_array,
+    memtile_end,
     read_planes,
 )
 from tilewright.sw.graph import ConvNode, NetGraph, Node, PoolNode, import_model
@@ -398,6 +400,12 @@ class CompiledLayer:
     def runs(self) -> int:
         return len(self.array.jobs) if self.array is not None else 0
 
+    @property
+    def prefetched(self) -> bool:
+        """Its weights come from the memtiles, brought by the layer before."""
+        return self.array is not None and bool(self.array.jobs) and bool(
+            self.array.jobs[0].prefetch)
+
     def row(self, cfg: OverlayConfig) -> dict[str, Any]:
         peak = cfg.array.rows * cfg.array.cols * cfg.tile.macs_per_cycle
         util = self.nnz_macs / (self.cycles * peak) if self.cycles and self.kind in (
@@ -411,7 +419,7 @@ class CompiledLayer:
                 "ddr_bytes": self.ddr_bytes, "ddr_bytes_lower_bound": self.ddr_bytes_lower_bound,
                 "ddr_ratio": (self.ddr_bytes / self.ddr_bytes_lower_bound
                               if self.ddr_bytes_lower_bound else None),
-                "fused": self.fused}
+                "fused": self.fused, "prefetched": self.prefetched}
 
 
 @dataclass
@@ -524,7 +532,7 @@ class CompiledNetwork:
             lines.append(f"{cl.name[:34]:34s} {cl.kind:7s} {shape:>14s} {cl.runs:4d} "
                          f"{cl.cycles:9d} {cl.compute:9d} {cl.ddr:9d} {cl.sync:8d} {util:>5s} "
                          f"{cl.ddr_bytes / 1024:8.1f} {cl.ddr_bytes_lower_bound / 1024:8.1f} "
-                         f"{ratio:>5s}")
+                         f"{ratio:>5s}{' P' if cl.prefetched else ''}")
         s = self.summary()
         lines.append("-" * len(hdr))
         paper = (f"; paper A's estimate {s['paper_ms']:.2f} ms" if s["paper_ms"] is not None
@@ -538,6 +546,10 @@ class CompiledNetwork:
                      f"{s['ddr_ratio']:.3f} x the per-layer lower bound "
                      f"{s['ddr_bytes_lower_bound'] / 1e6:.2f} MB; {s['runs']} overlay runs; "
                      f"compiled in {s['compile_s']:.1f} s")
+        n_pre = sum(cl.prefetched for cl in self.layers)
+        if n_pre:
+            lines.append(f"P: {n_pre} layers whose weights the layer before prefetched into "
+                         f"the memtiles")
         return "\n".join(lines)
 
     def write(self, out: str | Path) -> Path:
@@ -626,7 +638,7 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                     input_shape: tuple[int, int, int] | None = None, estimate: bool = True,
                     progress: Callable[[str], None] | None = None,
                     bar: bool = False, fuse: bool = True,
-                    workers: int | None = None) -> CompiledNetwork:
+                    workers: int | None = None, prefetch: bool = True) -> CompiledNetwork:
     """Compile model ``spec`` (see :func:`load_model`) for ``cfg``.
 
     Parameters
@@ -647,6 +659,10 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
         (:func:`find_fusions`): the conv's output never crosses DDR and the add needs no run.
     workers : int, optional
         Processes that estimate layers side by side (default: one per CPU; 1: in this one).
+    prefetch : bool
+        Let a layer's last run bring the next conv's weight streams into the memtiles
+        (:func:`~tilewright.sw.array_compiler.add_prefetch`) where they fit and its DDR
+        channels have the time (:func:`_prefetch_fits`).
     """
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -675,6 +691,7 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
     layers: list[CompiledLayer] = []
     nodes = list(graph)
     est = _Estimator(cfg, workers, bar) if estimate else None
+    held: CompiledLayer | None = None        # the last layer run, held back from the estimator
     it: Iterable[Node] = nodes
     if bar:
         from tqdm import tqdm
@@ -700,9 +717,9 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                     if n.name in add_of:
                         alayer = _layer_of(graph, qnet, an, b)
                         assert isinstance(layer, ConvLayer) and isinstance(alayer, AddLayer)
-                        arr = compile_conv_array(layer, x, cfg, place=place,
-                                                 fuse=FusedAdd(alayer, operand),
-                                                 x_res=np.zeros(an.shape, np.int8))
+                        arr = _compile_conv(layer, x, cfg, held, prefetch, place=place,
+                                            fuse=FusedAdd(alayer, operand),
+                                            x_res=np.zeros(an.shape, np.int8))
                         cl.fused = an.name
                     elif isinstance(layer, ConvLayer):
                         # the host writes the network input: in the space-to-depth layout
@@ -712,7 +729,8 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                                   and -(-s2d.shape[0] // b) * s2d.shape[1] * s2d.shape[2]
                                   <= plan.words[ins[0]]
                                   and sum(graph.input_name in m.inputs for m in nodes) == 1)
-                        arr = compile_conv_array(layer, x, cfg, place=place, repack=repack)
+                        arr = _compile_conv(layer, x, cfg, held, prefetch, place=place,
+                                            repack=repack)
                     else:
                         arr = compile_eltwise_array(layer, x, cfg, place=place,
                                                     x_b=x if n.kind == "add" else None)
@@ -725,8 +743,9 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
                 if isinstance(layer, ConvLayer):
                     m = block_mask(layer.weight, b)
                     cl.blocks, cl.nnz_blocks = int(m.size), int(m.sum())
-                if est is not None:
-                    est.submit(cl)
+                if est is not None and held is not None:
+                    est.submit(held)
+                held = cl
             layers.append(cl)
             if progress is not None and cl.array is not None and not bar:
                 progress(f"compiled {n.name} ({n.kind}, {cl.runs} runs)")
@@ -734,6 +753,8 @@ def compile_network(spec: str, cfg: OverlayConfig, *, sparsity: float | None = 0
         if est is not None and est.pool is not None:
             est.pool.shutdown(cancel_futures=True)
         raise
+    if est is not None and held is not None:
+        est.submit(held)
     timings["compile_layers"] = time.time() - t1
     cn = CompiledNetwork(name, cfg, qnet, sparsity, plan, layers, top)
     if est is not None:
@@ -775,27 +796,106 @@ def _issue_cycles(program: list[int], cfg: OverlayConfig) -> int:
     return n
 
 
-def _ddr_cycles(arr: ArrayLayer, cfg: OverlayConfig) -> int:
-    """Per run, the busiest DDR channel (reads: words at the channel's rate plus padding
-    words at one a cycle plus the task latency; writes: every tile's output words and
-    headers on the column's write channel), summed over runs."""
-    from tilewright.sim.dm_model import bd_addresses
+def _read_cycles(bds: list, cfg: OverlayConfig) -> int:
+    """Cycles a shim read channel takes for its BD chain ``bds`` at the DDR's pace: words at
+    the channel's rate plus padding words at one a cycle plus the task latency."""
+    if not bds:
+        return 0
+    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    cyc = cfg.ddr.latency
+    i: int | None = 0
+    while i is not None:
+        real, total = int(np.prod(bds[i].sizes)), int(np.prod(bds[i].extents))
+        cyc += real * step + total - real
+        i = bds[i].next_bd
+    return cyc
 
+
+#: Fraction of its DDR read channels' idle time (the cores' issue cycles less the channel's
+#: reads) that a layer's last run may spend prefetching the next layer's weights.
+PREFETCH_SHARE = 0.8
+
+
+def _compile_conv(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig,
+                  prev: CompiledLayer | None, prefetch: bool, **kw: Any) -> ArrayLayer:
+    """:func:`compile_conv_array` with, where ``prefetch`` and the layer run before (``prev``)
+    has the time, its weights prefetched by that layer's last run (which it changes)."""
+    if not prefetch or prev is None or prev.array is None or not prev.array.jobs:
+        return compile_conv_array(layer, x, cfg, **kw)
+    spare = _spare(prev.array.jobs[-1], cfg)
+    if _prefetch_worth(spare, layer, cfg):
+        end = memtile_end(prev.array.jobs[-1], cfg)
+        at = {c: end.get(c, 0) for c in range(cfg.array.cols)}
+        arr = compile_conv_array(layer, x, cfg, prefetch_at=at, **kw)
+        if not arr.jobs[0].prefetch:
+            return arr
+        if _prefetch_fits(spare, arr.jobs[0], cfg) and \
+                add_prefetch(prev.array.jobs[-1], arr.jobs[0], cfg):
+            prev.array.extra_reads = _prefetch_words(arr)
+            return arr
+    return compile_conv_array(layer, x, cfg, **kw)
+
+
+def _prefetch_worth(spare: dict[tuple[int, int], float], layer: ConvLayer,
+                    cfg: OverlayConfig) -> bool:
+    """Whether ``layer``'s weights, spread evenly over the columns' read channels, may fit
+    the time (``spare``, :func:`_spare`) the layer before leaves its channels in its last
+    run (a quick test before compiling ``layer`` for a prefetch)."""
+    b = cfg.tile.block
+    mask = block_mask(layer.weight, b)
+    kh, kw = layer.kernel
+    words = (int(mask.sum()) * kh * kw * b + mask.shape[0] * cfg.tile.qrec_words) / (
+        2 * cfg.array.cols)
+    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    return words * step <= PREFETCH_SHARE * min(spare.values(), default=0)
+
+
+def _spare(job, cfg: OverlayConfig) -> dict[tuple[int, int], float]:
+    """Per column read channel of ``job``, the cycles its cores issue after the channel has
+    sent its last packet: beyond its reads, and after the column's last weight chunk can
+    enter its buffer (the channel sends its packets in order, and the cores free the buffer
+    the last chunk fills only once they have used the chunk two before it; their work taken
+    to go with the chunks' words)."""
+    issue = max(_issue_cycles(tp.program, cfg) for tp in job.tiles)
+    out = {}
+    for c in range(cfg.array.cols):
+        words = [k.words for k in job.chunks[c]] if c < len(job.chunks) else []
+        tail = issue * sum(words[-2:]) / sum(words) if len(words) > 2 else issue
+        for ch in range(min(2, cfg.ddr.read_channels)):
+            out[(c, ch)] = min(tail, issue - _read_cycles(job.shim_bds.get(c, {}).get(ch, []),
+                                                          cfg))
+    return out
+
+
+def _prefetch_fits(spare: dict[tuple[int, int], float], nxt, cfg: OverlayConfig) -> bool:
+    """Whether read channels with ``spare`` idle cycles have the time to bring ``nxt``'s
+    prefetched streams (:data:`PREFETCH_SHARE` of it)."""
+    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    return all(sum(1 + n for _, _, n in pieces) * step <= PREFETCH_SHARE * spare[key]
+               for key, (_, pieces) in nxt.prefetch.items())
+
+
+def _prefetch_words(arr: ArrayLayer) -> tuple[tuple[int, np.ndarray], ...]:
+    """The words of ``arr``'s prefetched streams and their wrapper headers, for the layer
+    whose last run reads them (:attr:`ArrayLayer.extra_reads`)."""
+    out = []
+    for _, pieces in arr.jobs[0].prefetch.values():
+        for hdr, src, n in pieces:
+            out.append((hdr, arr.ddr[hdr - arr.ddr_base:hdr - arr.ddr_base + 1]))
+            out.append((src, arr.ddr[src - arr.ddr_base:src - arr.ddr_base + n]))
+    return tuple(out)
+
+
+def _ddr_cycles(arr: ArrayLayer, cfg: OverlayConfig) -> int:
+    """Per run, the busiest DDR channel (reads: :func:`_read_cycles`; writes: every tile's
+    output words and headers on the column's write channel), summed over runs."""
     step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
     total = 0
     for job in arr.jobs:
         worst = 0
         for per in job.shim_bds.values():
             for bds in per.values():
-                if not bds:
-                    continue
-                cyc = cfg.ddr.latency
-                i: int | None = 0
-                while i is not None:
-                    _, ok = bd_addresses(bds[i])
-                    cyc += int(ok.sum()) * step + int((~ok).sum())
-                    i = bds[i].next_bd
-                worst = max(worst, cyc)
+                worst = max(worst, _read_cycles(bds, cfg))
         wr: dict[tuple[int, int], int] = {}
         for tp in job.tiles:
             for ch, bds in tp.bds.items():
@@ -876,8 +976,12 @@ def estimate_layer(cl: CompiledLayer, cfg: OverlayConfig) -> CompiledLayer:
     top = arr.ddr_base + arr.ddr.size
     for a, n in (*arr.operand_regions, arr.out_region):
         top = max(top, a + n)
+    for a, words in arr.extra_reads:
+        top = max(top, a + words.size)
     img = np.zeros(top, np.uint64)
     img[arr.ddr_base:arr.ddr_base + arr.ddr.size] = arr.ddr
+    for a, words in arr.extra_reads:
+        img[a:a + words.size] = words
     res = model.run_layer(dataclasses.replace(arr, ddr=img, ddr_base=0))
     cl.cycles = int(res.cycles)
     cl.ddr_bytes = (res.rd_words + res.wr_words) * cfg.tile.word_bytes
@@ -917,6 +1021,7 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
     b = cn.cfg.tile.block
     ddr = cn.image(env[graph.input_name][0].numpy())
     model = OverlayModel(cn.cfg)
+    memtiles = model.new_memtiles()       # one set for the network: prefetches cross layers
     checks: list[LayerCheck] = []
     it: Iterable[CompiledLayer] = cn.layers
     if bar:
@@ -928,7 +1033,8 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
             continue                # a fused add is checked with its conv
         cycles = 0
         if cl.array is not None:
-            res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0))
+            res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0),
+                                  memtiles)
             ddr = res.ddr
             cycles = int(res.cycles)
         a = cn.plan.base[cl.tensor]
