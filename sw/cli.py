@@ -372,7 +372,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     def line(c) -> None:
         if not args.json:
-            verdict = "ok" if c.ok else f"MISMATCH ({c.mismatches} values)"
+            verdict = ("ok" if c.ok else f"ERROR ({c.error})" if c.error
+                       else f"MISMATCH ({c.mismatches} values)")
             print(f"  {c.name:40s} {c.kind:15s} {c.cycles:10d} cycles  {verdict}", flush=True)
 
     checks, _ = verify_network(cn, seed=args.seed, progress=line, bar=sys.stderr.isatty())
@@ -386,9 +387,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "wall_s": round(dt, 1)}))
     else:
         n = len(checks)
+        stopped = next((c for c in checks if c.error), None)
         print(f"{'PASS' if ok else 'FAIL'}: {n - len(bad)} of {n} layers bit-exact with the "
               f"integer PyTorch reference ({dt:.1f} s)" + (f"; mismatched: {', '.join(bad)}"
-                                                           if bad else ""))
+                                                           if bad else "")
+              + (f"; the overlay model stopped on {stopped.name}, the layers after it were "
+                 f"not run" if stopped else ""))
     return 0 if ok else 1
 
 

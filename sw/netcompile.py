@@ -1001,6 +1001,7 @@ class LayerCheck:
     ok: bool
     mismatches: int
     cycles: int
+    error: str = ""          # the overlay model stopped on this layer (a deadlock, a bad BD)
 
 
 def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: int = 0,
@@ -1008,6 +1009,8 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
                    bar: bool = False) -> tuple[list[LayerCheck], dict[str, torch.Tensor]]:
     """Run every compiled layer in order on one DDR image on the overlay model and compare
     each layer's output region (a concat's whole buffer too) with the integer oracle.
+    A layer on which the model stops (a deadlock, a bad descriptor) fails with the error in
+    :attr:`LayerCheck.error`, and the layers after it are not run.
 
     ``x`` is the float input ``(1, C, H, W)`` (default: seeded standard normal). Returns the
     checks and the oracle's tensors.
@@ -1032,16 +1035,24 @@ def verify_network(cn: CompiledNetwork, x: torch.Tensor | None = None, *, seed: 
         if cl.kind == "flatten" or (cl.kind == "add" and cl.fused):
             continue                # a fused add is checked with its conv
         cycles = 0
+        kind = f"{cl.kind}+add" if cl.tensor != cl.name else cl.kind
         if cl.array is not None:
-            res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0),
-                                  memtiles)
+            try:
+                res = model.run_layer(dataclasses.replace(cl.array, ddr=ddr, ddr_base=0),
+                                      memtiles)
+            except (RuntimeError, ValueError) as e:
+                # the layers after it would run on what it did not write: the check ends here
+                chk = LayerCheck(cl.name, kind, False, -1, 0, f"{type(e).__name__}: {e}")
+                checks.append(chk)
+                if progress is not None:
+                    progress(chk)
+                break
             ddr = res.ddr
             cycles = int(res.cycles)
         a = cn.plan.base[cl.tensor]
         got = read_planes(ddr[a:a + cn.plan.words[cl.tensor]], cl.shape, b)
         want = env[cl.tensor][0].numpy().reshape(cl.shape)
         bad = int((got != want).sum())
-        kind = f"{cl.kind}+add" if cl.tensor != cl.name else cl.kind
         chk = LayerCheck(cl.name, kind, bad == 0, bad, cycles)
         checks.append(chk)
         if progress is not None:

@@ -371,3 +371,21 @@ def test_cli_no_prefetch(capsys):
     assert not any(r["prefetched"] for r in off["layers"])
     assert main(["compile", TINY, "--overlay", "tiny-2x2", "--sparsity", "0.5"]) == 0
     assert "whose weights the layer before prefetched" in capsys.readouterr().out
+
+
+def test_verify_reports_a_layer_the_model_stops_on():
+    """A layer whose prefetch for the next layer finds no memtile BD to land in: that layer
+    fails with the model's deadlock named, the later layers are not run, and the CLI's
+    verdict would say so (FAIL, not a traceback)."""
+    cfg = _cfg("tiny-2x2")
+    cn = compile_network(TINY, cfg, sparsity=0.5, seed=3, estimate=False)
+    arrays = [cl for cl in cn.layers if cl.array is not None]
+    i = next(i for i, cl in enumerate(arrays) if cl.prefetched)
+    c, bus = min(arrays[i].array.jobs[0].prefetch)
+    del arrays[i - 1].array.jobs[-1].memtile_bds[c][bus]
+    checks, _ = verify_network(cn, seed=3)
+    assert not checks[-1].ok and "DeadlockError" in checks[-1].error, checks[-1]
+    assert checks[-1].name == arrays[i - 1].name
+    assert all(c.ok for c in checks[:-1])
+    assert len(checks) < len([c for c in cn.layers if c.kind != "flatten"
+                              and not (c.kind == "add" and c.fused)])
