@@ -282,7 +282,9 @@ class ArrayJob:
         :func:`tilewright.hw.overlay.array_memtile`), its BDs. A job either captures a
         column's weight streams into its memtile (the packets carry the header's ``mt`` bit;
         S2MM channel ``k`` takes what read channel ``k`` sends) or replays streams an earlier
-        job of the layer captured (MM2S channel ``j`` into column bus ``j``), never both.
+        job of the layer captured (MM2S channel ``j`` into column bus ``j``), never both for
+        its own streams; a layer's last job may also bring the next layer's streams in
+        (:func:`add_prefetch`: S2MM BDs after its own, into words its replays do not read).
     memtile_use : dict[int, str]
         Per column that uses its memtile: ``"capture"``, ``"replay"`` or ``"prefetched"``
         (a replay of streams the previous layer's last job brought: :func:`add_prefetch`).
