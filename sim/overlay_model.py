@@ -508,24 +508,14 @@ class OverlayModel:
         # outputs: each tile's MM2S packets through the column's write channels
         wr_words = 0
         end = 0.0
-        writer_free: dict[tuple[int, int], float] = {}
-        outs = []
-        for key, env in envs.items():
-            for ch, cycle, words in env.outputs:
-                outs.append((cycle, key, ch, words))
-        outs.sort(key=lambda o: (o[0], o[1]))
-        for cycle, (_r, c), ch, words in outs:
-            k = (ch - N_S2MM) % cfg.ddr.write_channels
-            t = max(float(cycle) + _PIPE_OUT, writer_free.get((c, k), 0.0))
+        for _, t, _, words in self._output_schedule(envs):
             pos = 0
             while pos < len(words):
                 hdr = int(words[pos])
                 n, addr = hdr & 0xFFFF, hdr >> 16
                 ddr[addr:addr + n] = words[pos + 1:pos + 1 + n]
                 wr_words += n
-                t += 1 + n * step
                 pos += 1 + n
-            writer_free[(c, k)] = t
             end = max(end, t)
         # the job is done once every read channel has sent its last packet too (a prefetch
         # for the next layer's memtile replay may outlast the cores)
@@ -550,27 +540,36 @@ class OverlayModel:
                         {k: int(r.cycles) for k, r in runs.items()}, n_iter, mt_rd, mt_wr)
         return ddr, res
 
-    def _output_loads(self, envs: dict) -> list:
-        """The tiles' MM2S output reads as loads on their memory ports: ``(first cycle, tile,
-        words, words per cycle)``, each output draining at its write channel's pace behind
-        the outputs queued before it (as the writers are timed at the end of a job)."""
+    def _output_schedule(self, envs: dict) -> list:
+        """The tiles' MM2S outputs through the column's write channels, in the order the
+        writers take them: ``(first cycle, cycle the last word is written, tile, words)``,
+        each behind the outputs queued before it on its channel (header and payload words,
+        a payload word at the DDR's pace)."""
         step = self.interval
-        outs = sorted((cycle, key, ch, len(words), words) for key, env in envs.items()
-                      for ch, cycle, words in env.outputs)
+        outs = sorted(((cycle, key, ch, words) for key, env in envs.items()
+                       for ch, cycle, words in env.outputs), key=lambda o: (o[0], o[1]))
         free: dict = {}
-        loads = []
-        for cycle, key, ch, n, words in outs:
+        sched = []
+        for cycle, key, ch, words in outs:
             k = (key[1], (ch - N_S2MM) % self.cfg.ddr.write_channels)
             t0 = max(float(cycle) + _PIPE_OUT, free.get(k, 0.0))
             t1 = t0
             pos = 0
-            while pos < n:
+            while pos < len(words):
                 m = int(words[pos]) & 0xFFFF
                 t1 += 1 + m * step
                 pos += 1 + m
             free[k] = t1
-            if n and t1 > t0:
-                loads.append((t0 - _PIPE_OUT, t1 - _PIPE_OUT, key, float(n)))
+            sched.append((t0, t1, key, words))
+        return sched
+
+    def _output_loads(self, envs: dict) -> list:
+        """The tiles' MM2S output reads as loads on their memory ports: ``(first cycle, tile,
+        words, words per cycle)``, each output draining at its write channel's pace behind
+        the outputs queued before it (:meth:`_output_schedule`)."""
+        loads = [(t0 - _PIPE_OUT, t1 - _PIPE_OUT, key, float(len(words)))
+                 for t0, t1, key, words in self._output_schedule(envs)
+                 if len(words) and t1 > t0]
         # a tile's outputs that overlap or nearly touch are one load at their mean rate:
         # fewer events in the packet timing for the same port share
         merged: list = []
