@@ -59,6 +59,10 @@ def tile_ports(tile: TileConfig) -> dict[str, wiring.Member]:
         "dm_wdata": In(tile.word_bits),
         "dm_rdata": Out(tile.word_bits),
         "dm_ready": Out(1),
+        "dr_re": In(1),
+        "dr_addr": In(tile.addr_bits),
+        "dr_rdata": Out(tile.word_bits),
+        "dr_ready": Out(1),
         "lk_req": Out(1),
         "lk_op": Out(1),
         "lk_id": Out(6),
@@ -94,6 +98,10 @@ class ComputeTile(wiring.Component):
         where ``dm_ready`` is high (``dm_rdata`` is valid the cycle after a performed read);
         the engine has priority: writes wait while the writeback unit writes, reads while
         the engine reads a weight line or requantisation record. Idle tiles are always ready.
+    dr_re, dr_addr, dr_rdata, dr_ready :
+        A second, read-only data memory port for datamovers (the MM2S channels), on the read
+        port the ``dm`` writes do not use: a read here and a write on ``dm`` are performed in
+        the same cycle. It waits while the engine or a ``dm`` read uses that read port.
     lk_req, lk_op, lk_id, lk_val, lk_gnt :
         Lock port (ACQ: ``lk_op`` = 0, REL: 1): the request is held until ``lk_gnt``.
     """
@@ -607,15 +615,21 @@ class ComputeTile(wiring.Component):
                                  wrC[k].en.eq(1)]
 
         # ---- external data memory port (datamovers): the engine has priority ---------------
+        # (writes go to port C, reads to port B: a `dr` read and a `dm` write share no port)
         ext_off = Signal(BB)
         dm_go = Mux(self.dm_we, ~wb_go, ~eng_b)
-        m.d.comb += self.dm_ready.eq(dm_go)
-        with m.If(self.dm_re & ~self.dm_we & dm_go):
+        dm_read = self.dm_re & ~self.dm_we
+        dr_go = ~eng_b & ~dm_read
+        m.d.comb += [self.dm_ready.eq(dm_go), self.dr_ready.eq(dr_go)]
+        with m.If(dm_read & dm_go):
             m.d.comb += portB_addr.eq(self.dm_addr)
             m.d.sync += ext_off.eq(self.dm_addr[:BB])
+        with m.Elif(self.dr_re & dr_go):
+            m.d.comb += portB_addr.eq(self.dr_addr)
+            m.d.sync += ext_off.eq(self.dr_addr[:BB])
         for k in range(NB):
             with m.If(self.dm_we & dm_go & (self.dm_addr[:BB] == k)):
                 m.d.comb += [wrC[k].addr.eq(self.dm_addr[BB:]),
                              wrC[k].data.eq(self.dm_wdata), wrC[k].en.eq(1)]
-        m.d.comb += self.dm_rdata.eq(b_words[ext_off])
+        m.d.comb += [self.dm_rdata.eq(b_words[ext_off]), self.dr_rdata.eq(b_words[ext_off])]
         return m

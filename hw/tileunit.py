@@ -4,10 +4,12 @@
 :class:`~tilewright.hw.locks.LockUnit` shared by the tile's core and its DMA, three S2MM and two
 MM2S :class:`~tilewright.hw.datamover.Datamover` channels (an AIE-ML tile DMA has two S2MM; the
 third lets a tile take its activations on one stream and two weight ping/pong streams on the
-others, so that a column's two DDR read channels both feed weights) and a round-robin arbiter
-that puts the channels and a host port on the tile's data memory port.
-The engine keeps priority on that port (``dm_ready``), so DMA traffic never changes compute
-cycles; the channels take the remaining cycles.
+others, so that a column's two DDR read channels both feed weights) and two round-robin
+arbiters: one puts the S2MM channels and a host port on the tile's data memory port (``dm``:
+writes, host reads), the other the MM2S channels on its read-only port (``dr``), so that
+outputs leave in the cycles inputs land.
+The engine keeps priority on both (``dm_ready``, ``dr_ready``), so DMA traffic never changes
+compute cycles; the channels take the remaining cycles.
 
 Ping/pong: the core and the channels meet on locks. A typical input buffer pair uses a lock
 per buffer "full" (released by the S2MM channel after filling, acquired by the core) and
@@ -38,8 +40,6 @@ N_MM2S = 2
 LOCK_BITS = 4
 #: Bits of a channel number (``bd_ch``, the task payload).
 CH_BITS = 3
-#: Requesters on the data memory port: the S2MM channels, the MM2S channels, the host.
-N_REQ = N_S2MM + N_MM2S + 1
 
 
 #: Lock requesters of a unit: the core, then the S2MM and MM2S channels.
@@ -170,35 +170,43 @@ class TileUnit(wiring.Component):
                      self.dma_error.eq(Cat(*[d.error for d in dms]).any() | locks.overflow
                                        | locks.bad_id)]
 
-        # data memory arbiter: round robin over requesters, advancing on a performed access
-        req = Signal(N_REQ)
-        is_write = [1] * N_S2MM + [0] * N_MM2S
-        m.d.comb += req.eq(Cat(*[d.mem.we for d in chans[:N_S2MM]],
-                               *[d.mem.re for d in chans[N_S2MM:]],
-                               self.dm_we | self.dm_re))
-        m.submodules.arbiter = rr = RoundRobin(N_REQ)
+        # data memory arbiters, round robin, advancing on a performed access: the S2MM
+        # channels and the host on the tile's `dm` port (writes; host reads), the MM2S
+        # channels on its read-only `dr` port, so outputs leave while inputs land
+        req = Signal(N_S2MM + 1)
+        m.d.comb += req.eq(Cat(*[d.mem.we for d in chans[:N_S2MM]], self.dm_we | self.dm_re))
+        m.submodules.arbiter = rr = RoundRobin(N_S2MM + 1)
         m.d.comb += rr.req.eq(req)
         pick, found = rr.pick, rr.found
         we = Signal()
         addr = Signal(t.addr_bits)
         wdata = Signal(t.word_bits)
-        for i, d in enumerate(chans):
+        for i, d in enumerate(chans[:N_S2MM]):
             with m.If(pick == i):
-                m.d.comb += addr.eq(d.mem.addr)
-                if is_write[i]:
-                    m.d.comb += [we.eq(1), wdata.eq(d.mem.wdata)]
-        with m.If(pick == N_REQ - 1):
+                m.d.comb += [addr.eq(d.mem.addr), we.eq(1), wdata.eq(d.mem.wdata)]
+        with m.If(pick == N_S2MM):
             m.d.comb += [addr.eq(self.dm_addr), we.eq(self.dm_we), wdata.eq(self.dm_wdata)]
         m.d.comb += [core.dm_we.eq(found & we), core.dm_re.eq(found & ~we),
                      core.dm_addr.eq(addr), core.dm_wdata.eq(wdata)]
         grant = found & core.dm_ready
         m.d.comb += rr.served.eq(grant)
-        for i, d in enumerate(chans):
+        for i, d in enumerate(chans[:N_S2MM]):
             m.d.comb += d.mem.ready.eq(grant & (pick == i))
-            if not is_write[i]:
-                m.d.comb += d.mem.rdata.eq(core.dm_rdata)
-        m.d.comb += [self.dm_ready.eq(grant & (pick == N_REQ - 1)),
+        m.d.comb += [self.dm_ready.eq(grant & (pick == N_S2MM)),
                      self.dm_rdata.eq(core.dm_rdata)]
+        readers = chans[N_S2MM:]
+        m.submodules.rd_arbiter = rd = RoundRobin(N_MM2S)
+        m.d.comb += rd.req.eq(Cat(*[d.mem.re for d in readers]))
+        raddr = Signal(t.addr_bits)
+        for i, d in enumerate(readers):
+            with m.If(rd.pick == i):
+                m.d.comb += raddr.eq(d.mem.addr)
+        m.d.comb += [core.dr_re.eq(rd.found), core.dr_addr.eq(raddr)]
+        rgrant = rd.found & core.dr_ready
+        m.d.comb += rd.served.eq(rgrant)
+        for i, d in enumerate(readers):
+            m.d.comb += [d.mem.ready.eq(rgrant & (rd.pick == i)),
+                         d.mem.rdata.eq(core.dr_rdata)]
         return m
 
 

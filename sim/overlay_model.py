@@ -58,11 +58,6 @@ _MAX_ITERATIONS = 40
 #: S2MM register stages), and from a tile's MM2S to the writer.
 _PIPE_IN = 8
 _PIPE_OUT = 6
-#: Iterations after which the tiles' output reads, as port loads, are no longer re-timed
-#: (re-timing them every iteration took more iterations for the same estimate).
-_LOAD_ITERATIONS = 1
-#: Cycles between two output reads of a tile below which they are timed as one load.
-_LOAD_GAP = 64
 #: A memtile MM2S channel: cycles from its task to its first word, and words it reads ahead.
 _MT_LATENCY = 4
 _MT_DEPTH = 4
@@ -159,18 +154,16 @@ def _reads_mask(words: np.ndarray, n_real: int) -> np.ndarray:
     return m
 
 
-def _fair_rates(flows: dict, busy: dict | None = None) -> dict:
+def _fair_rates(flows: dict) -> dict:
     """Max-min fair rates (words per cycle) of ``flows`` (each with its own ``cap`` and the
-    ``tiles`` whose one-word-per-cycle memory ports it uses; ``busy``: the words per cycle
-    of a tile's port that its output reads take)."""
+    ``tiles`` whose one-word-per-cycle memory write ports it uses)."""
     rates: dict = {}
     left: dict = {}
     shared = False
-    busy = busy or {}
     for f in flows.values():
         for t in f["tiles"]:
             shared = shared or t in left
-            left[t] = 1.0 - busy.get(t, 0.0)
+            left[t] = 1.0
     if not shared:          # no port shared: each flow runs at its cap, at most what is left
         return {fk: min([f["cap"]] + [left[t] for t in f["tiles"]]) for fk, f in flows.items()}
     todo = set(flows)
@@ -478,11 +471,10 @@ class OverlayModel:
         # a tile's run depends only on the arrival times of its packets: a tile whose
         # arrivals did not change since the last iteration is not run again
         seen: dict = {}                      # tile -> (arrivals, its avail entries)
-        loads: list = []                     # the tiles' output reads, as timed so far
-        rate_cache: dict = {}                # flows, caps and port loads -> fair rates
+        rate_cache: dict = {}                # flows and caps -> fair rates
         for it in range(1, _MAX_ITERATIONS + 1):
             n_iter = it
-            self._time_packets(chans, dest, avail, gates, releases, loads, rate_cache)
+            self._time_packets(chans, dest, avail, gates, releases, rate_cache)
             avail_new: dict = {}
             for tp in job.tiles:
                 key = (tp.r, tp.c)
@@ -495,8 +487,6 @@ class OverlayModel:
                                                                  self._timing_model)
                 seen[key] = (arrivals, mine)
                 avail_new.update(mine)
-            if it <= _LOAD_ITERATIONS:
-                loads = self._output_loads(envs)
             if avail_new == prev:
                 break
             prev = avail = avail_new
@@ -562,26 +552,6 @@ class OverlayModel:
             free[k] = t1
             sched.append((t0, t1, key, words))
         return sched
-
-    def _output_loads(self, envs: dict) -> list:
-        """The tiles' MM2S output reads as loads on their memory ports: ``(first cycle, tile,
-        words, words per cycle)``, each output draining at its write channel's pace behind
-        the outputs queued before it (:meth:`_output_schedule`)."""
-        loads = [(t0 - _PIPE_OUT, t1 - _PIPE_OUT, key, float(len(words)))
-                 for t0, t1, key, words in self._output_schedule(envs)
-                 if len(words) and t1 > t0]
-        # a tile's outputs that overlap or nearly touch are one load at their mean rate:
-        # fewer events in the packet timing for the same port share
-        merged: list = []
-        last: dict = {}
-        for a, z, key, n in sorted(loads, key=lambda x: (x[2], x[0])):
-            cur = last.get(key)
-            if cur is not None and a <= cur[1] + _LOAD_GAP:
-                cur[1], cur[3] = max(cur[1], z), cur[3] + n
-            else:
-                last[key] = cur = [a, z, key, n]
-                merged.append(cur)
-        return [(a, key, n, min(1.0, n / (z - a))) for a, z, key, n in merged]
 
     def _check_bd_counts(self, job, mcfg) -> None:
         """Every channel's BDs fit its BD table (the hardware has no run-time reprogramming:
@@ -708,7 +678,7 @@ class OverlayModel:
         return env, run, mem
 
     def _time_packets(self, chans, dest, avail, gates=None, releases=None,
-                      loads=(), rate_cache=None) -> None:
+                      rate_cache=None) -> None:
         """Arrival times of every packet, by a fluid simulation of the read side.
 
         * A read channel reads its packets from DDR in order into its FIFO
@@ -723,19 +693,14 @@ class OverlayModel:
         * A packet that holds its buses streams once every tile it goes to can take it (the
           acquire of its S2MM BD was granted: ``avail``): one word a cycle while its channel's
           FIFO holds words, at the DDR's pace once the FIFO has run dry.
-        * A tile's data-memory port takes one word per cycle, round robin over its channels:
-          the packets streaming into a tile at the same time share it (max-min fair), and a
-          broadcast packet runs at the pace of its slowest tile.
+        * A tile's data-memory write port takes one word per cycle, round robin over its S2MM
+          channels: the packets streaming into a tile at the same time share it (max-min
+          fair), and a broadcast packet runs at the pace of its slowest tile. (The MM2S
+          channels read on a port of their own: outputs take nothing from the inputs.)
         * A memtile MM2S BD that acquires a memtile lock (``gates``) starts once the packets
           that release it (``releases``: a read channel's tokens) have landed.
-        * The tiles' output reads (``loads``: :meth:`_output_loads`) take their share of the
-          tiles' memory ports while they drain.
         """
-        pending_loads = sorted(loads, key=lambda x: x[0])
         rate_cache = {} if rate_cache is None else rate_cache
-        lflows: dict = {}                                # load index -> [tile, words, rate]
-        n_load = 0
-        busy: dict = {}                                  # tile -> its port's output reads
         gates = gates or {}
         releases = releases or {}
         lock_count: dict = {}
@@ -796,19 +761,11 @@ class OverlayModel:
             for fk, f in active.items():
                 level = read[fk[0]] - sent[fk[0]]
                 f["cap"] = 1.0 if level > eps else reading[fk[0]][0]
-            while n_load < len(pending_loads) and pending_loads[n_load][0] <= now + eps:
-                _, tkey, words, rate = pending_loads[n_load]
-                lflows[n_load] = [tkey, words, rate]
-                n_load += 1
-            sig = tuple((fk, f["cap"]) for fk, f in active.items()) + tuple(lflows)
+            sig = tuple((fk, f["cap"]) for fk, f in active.items())
             if sig != last_sig:          # most events change neither the flows nor their caps
-                busy.clear()
-                for tkey, _, rate in lflows.values():
-                    busy[tkey] = min(1.0, busy.get(tkey, 0.0) + rate)
-                ck = (sig[:len(active)], tuple(sorted(busy.items())))
-                rates = rate_cache.get(ck)
+                rates = rate_cache.get(sig)
                 if rates is None:       # the iterations of a job meet the same states again
-                    rates = rate_cache[ck] = _fair_rates(active, busy)
+                    rates = rate_cache[sig] = _fair_rates(active)
                 last_sig = sig
             prod: dict = {key: 0.0 for key in chans}
             t_next = float("inf")
@@ -836,10 +793,6 @@ class OverlayModel:
             for fk, f in active.items():
                 if rates[fk] > 0:
                     t_next = min(t_next, now + f["rem"] / rates[fk])
-            for _, words, rate in lflows.values():
-                t_next = min(t_next, now + words / rate)
-            if n_load < len(pending_loads):
-                t_next = min(t_next, max(now, pending_loads[n_load][0]))
             if t_next == float("inf"):
                 raise DeadlockError("the read channels wait for each other's buses")
             t_next = max(t_next, now)
@@ -850,10 +803,6 @@ class OverlayModel:
             for fk, f in active.items():
                 f["rem"] -= rates[fk] * dt
                 sent[fk[0]] += rates[fk] * dt
-            for i in list(lflows):
-                lflows[i][1] -= lflows[i][2] * dt
-                if lflows[i][1] <= eps:
-                    del lflows[i]
             now = t_next
             for fk in [fk for fk, f in active.items() if f["rem"] <= eps]:
                 f = active.pop(fk)

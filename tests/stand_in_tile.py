@@ -69,6 +69,7 @@ class StandInTile(wiring.Component):
         pm_r = pmem.read_port()
         dm_w = dmem.write_port()
         dm_r = dmem.read_port()
+        dr_r = dmem.read_port()
 
         pc = Signal(t.pc_bits)
         word = Signal(64)
@@ -84,6 +85,7 @@ class StandInTile(wiring.Component):
             dm_w.en.eq(self.dm_we & ~self.busy),
             self.dm_rdata.eq(dm_r.data),
             self.dm_ready.eq(1),
+            dr_r.addr.eq(self.dr_addr), self.dr_rdata.eq(dr_r.data), self.dr_ready.eq(1),
             word.eq(pm_r.data),
         ]
         with m.If(self.busy):

@@ -78,6 +78,7 @@ module tw_tile_harness #(
         .pm_we(pm_we), .pm_addr(pm_addr), .pm_wdata(pm_wdata),
         .dm_we(dm_we), .dm_re(dm_re), .dm_addr(dm_addr), .dm_wdata(dm_wdata),
         .dm_rdata(dm_rdata), .dm_ready(dm_ready),
+        .dr_re(1'b0), .dr_addr('0), .dr_rdata(), .dr_ready(),
         .lk_req(lk_req), .lk_op(lk_op), .lk_id(lk_id), .lk_val(lk_val), .lk_gnt(lk_gnt)
     );
 
