@@ -248,6 +248,8 @@ class TilePlan:
     bands : int
         Bands of output rows the tile computes one after the other (:func:`_bands`; 1: the
         whole rectangle at once).
+    band_major : bool
+        It runs every chunk on a band, then sends the band's outputs (:func:`_build_job`).
     """
 
     r: int
@@ -259,6 +261,7 @@ class TilePlan:
     locks: dict[int, int] = field(default_factory=dict)
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     bands: int = 1
+    band_major: bool = False
 
 
 @dataclass
@@ -783,22 +786,34 @@ class _Geometry:
         return self.w + 2 * self.pw
 
 
-def _out_layout(geo: _Geometry, rows: int, cols: int) -> tuple[int, int, bool]:
+def _out_layout(geo: _Geometry, rows: int, cols: int, slots: int = 1
+                ) -> tuple[int, int, bool]:
     """(OUT_ROW, OUT_CG, one header per row) of a tile's output region: a full-width
-    rectangle is contiguous in DDR (one packet per block row, its header before the plane);
-    a narrower one needs a packet per output row (a header slot before every row)."""
+    rectangle is contiguous in DDR (one packet per block row, its header before the plane,
+    or with ``slots`` > 1 one packet per row band, :func:`_hdr_slots`, a header slot before
+    each band); a narrower one needs a packet per output row (a header slot before every
+    row)."""
     if cols == geo.wo:
-        return cols, rows * cols + 1, False
+        return cols, rows * cols + slots, False
     return cols + 1, rows * (cols + 1), True
 
 
-def _tile_words(geo: _Geometry, rows: int, cols: int, n_out_rows: int) -> tuple[int, int]:
+def _hdr_slots(geo: _Geometry, t, rows: int, cols: int, fused: bool = False) -> int:
+    """Header slots a full-width tile's output planes keep: one per row band it may release
+    on its own (:func:`_bands`, band-major order in :func:`_build_job`), else 1."""
+    if fused or cols != geo.wo or rows < 2 or rows * _cdiv(cols, t.pixels) <= t.acc_depth:
+        return 1
+    return min(rows, ACT_PARTS_PER_CHANNEL // 2)
+
+
+def _tile_words(geo: _Geometry, rows: int, cols: int, n_out_rows: int, slots: int = 1
+                ) -> tuple[int, int]:
     """(input slice words, output region words) of a tile computing a ``rows x cols`` output
-    rectangle of ``n_out_rows`` block rows."""
+    rectangle of ``n_out_rows`` block rows (``slots``: :func:`_out_layout`)."""
     if rows == 0 or cols == 0:
         return 0, 0
     return (geo.gin * geo.rows_in(rows) * geo.cols_in(cols),
-            n_out_rows * _out_layout(geo, rows, cols)[1])
+            n_out_rows * _out_layout(geo, rows, cols, slots)[1])
 
 
 def _rectangles(geo: _Geometry, h0: int, h1: int, R: int, pixels: int
@@ -1174,6 +1189,8 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
         n += 1 if chk.rows else 0                   # REL of the output buffer
         n += bands * sum(1 + -(-(j1 - j0) // INDEX_PER_WORD) for _, j0, j1 in chk.pieces)
         n += 6 * (bands - 1)                        # per band 5 SETPs and an ACQ
+    if bands > 1:
+        n += 2 * bands                              # band-major: per band a fence, a REL
     return n
 
 
@@ -1254,7 +1271,8 @@ def _try_plan(geo: _Geometry, col_rows_all: list[list[int]], w_words_row: list[i
             chunks = []
             layout = []
             for rows in col_rows:
-                in_w, out_w = _tile_words(geo, max_rows, max_cols, len(rows))
+                in_w, out_w = _tile_words(geo, max_rows, max_cols, len(rows),
+                                          _hdr_slots(geo, t, max_rows, max_cols, fused))
                 free = t.dmem_words - _align(in_w, 8 * b) - out_w
                 if fused:
                     free -= 2 * out_w + _align(len(rows) * qrec, 8)
@@ -1326,16 +1344,17 @@ def _res_cuts(batches: list[tuple[int, int]], chunks: list[Chunk], n: int
 
 
 def _tile_bases(geo: _Geometry, lay: tuple[int, int, int, int],
-                rect: tuple[int, int, int, int], n_rows: int, b: int) -> dict[str, int]:
+                rect: tuple[int, int, int, int], n_rows: int, b: int, slots: int = 1
+                ) -> dict[str, int]:
     """A conv tile's memory map (word addresses): the input slice at 0 (a row bus packet
     carries one address for every tile of the row), the weight buffers, the output region,
     and for a fused add the convolution's output before the add (``mid``, laid out as the
     output region), the residual (``res``, the same) and the add's requantisation records
-    (``qadd``)."""
+    (``qadd``); ``slots``: the output planes' header slots (:func:`_hdr_slots`)."""
     cap, in_max, _, nbuf = lay
     b8 = 8 * b
     h0, h1, w0, w1 = rect
-    _, out_w = _tile_words(geo, h1 - h0, w1 - w0, n_rows)
+    _, out_w = _tile_words(geo, h1 - h0, w1 - w0, n_rows, slots)
     w0b = _align(in_max, b8)
     w1b = w0b + (cap if nbuf == 2 else 0)
     outb = w1b + cap
@@ -1413,9 +1432,13 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     stage_of: dict[int, np.ndarray] = {}          # row -> input channel group -> its part
     aw = t.addr_bits
     res_parts: dict[tuple[int, int], list[int]] = {}    # tile -> end row of each residual part
-    # blocks of the smallest first chunk of the columns (when a second row band starts)
-    first_blocks = min((chunk_at[c][1] if len(chunk_at[c]) > 1 else len(seq[c])
-                        for c in range(C) if seq[c]), default=0)
+    # a column whose chunks all have a weight buffer of their own computes banded tiles
+    # band-major (every chunk on a band, then the band's outputs leave: _build_job)
+    band_major = [len(chunks[c]) <= layout[c][3] for c in range(C)]
+    # the blocks before a second row band starts, at the soonest column: its first chunk,
+    # or every chunk band-major
+    first_blocks = min((chunk_at[c][1] if len(chunk_at[c]) > 1 and not band_major[c]
+                        else len(seq[c]) for c in range(C) if seq[c]), default=0)
     for ri, r in enumerate(active_rows):
         h0, h1, w0, w1 = row_ranges[r]
         rows_in, cols_in = geo.rows_in(h1 - h0), geo.cols_in(w1 - w0)
@@ -1534,8 +1557,12 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             # the cores need it (a block takes `step` cycles) less its time on the channel
             # (a bus's weight packets stay in chunk order: the tiles' BDs take them so)
             wl = wpk.get((c, ch), [])
+            # band-major: chunk k starts after band 0 of the chunks before
+            per = min(len(bd[0]) for bd in bands_of.values()) if bands_of and band_major[c] \
+                else 1
             late = [(chunk_at[c][k] + (W_HALF_SLACK * chunks[c][k].blocks_in_first_part(b)
-                                       if ch == 1 and cuts else 0)) * step for k, w in wl]
+                                       if ch == 1 and cuts else 0)) * step / per
+                    for k, w in wl]
             for i in range(len(late) - 2, -1, -1):
                 late[i] = min(late[i], late[i + 1])
             # ... and an activation part never waits behind the packet of a chunk whose buffer
@@ -1621,13 +1648,26 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 continue
             nrows, ncols = h1 - h0, w1 - w0
             cap, _, _, nbuf = layout[c]
-            in_w, out_w = _tile_words(geo, nrows, ncols, len(rows))
-            tb = _tile_bases(geo, layout[c], row_ranges[r], len(rows), b)
+            band = bands_of.get(r)
+            # band-major (every chunk on a band of output rows, then that band leaves): where
+            # the tile computes in bands and every chunk has a buffer of its own, so that the
+            # outputs stream out while the slice streams in
+            bmajor = band is not None and band_major[c]
+            hslots = _hdr_slots(geo, t, nrows, ncols, fuse is not None)
+            in_w, out_w = _tile_words(geo, nrows, ncols, len(rows), hslots)
+            tb = _tile_bases(geo, layout[c], row_ranges[r], len(rows), b, hslots)
             inb = tb["in"]
             wbuf = (tb["wbuf0"], tb["wbuf1"])
             outb = tb["out"]
             rows_in, cols_in = geo.rows_in(nrows), geo.cols_in(ncols)
-            out_row, out_cg, per_row = _out_layout(geo, nrows, ncols)
+            out_row, out_cg, per_row = _out_layout(geo, nrows, ncols, hslots)
+            bands = band[0] if band is not None else [(0, nrows)]
+            if bmajor and not per_row:
+                assert len(bands) <= hslots
+            # band bi's place in a block row's output plane (its header slot, or its first
+            # row's for one header per row)
+            boff = [o0 * out_row + (bi if bmajor and not per_row else 0)
+                    for bi, (o0, _) in enumerate(bands)]
             tp.regions = {"in": (inb, in_w), "wbuf0": (wbuf[0], cap), "wbuf1": (wbuf[1], cap),
                           "out": (outb, out_w)}
             convb = outb                     # where the CONVs write
@@ -1646,6 +1686,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     for i in range(nrows):
                         addr = plane + (h0 + i) * geo.wo + w0
                         tp.dm[outb + j * out_cg + i * out_row] = ncols | (addr << 16)
+                elif bmajor:
+                    for bi, (o0, o1) in enumerate(bands):
+                        addr = plane + (h0 + o0) * geo.wo
+                        tp.dm[outb + j * out_cg + boff[bi]] = ((o1 - o0) * ncols) | (addr << 16)
                 else:
                     addr = plane + h0 * geo.wo
                     tp.dm[outb + j * out_cg] = (nrows * ncols) | (addr << 16)
@@ -1680,9 +1724,37 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             mid_ends = set() if fuse is not None else {a + n for a, n in out_groups} - {
                 ck.first + len(ck.rows) for ck in chunks[c] if ck.rows}
 
-            band = bands_of.get(r)
-            tp.bands = len(band[0]) if band else 1
-            for k, chk in enumerate(chunks[c]):
+            tp.bands, tp.band_major = (len(band[0]) if band else 1), bmajor
+            # per output packet group: (first word, words of a block row, block rows)
+            out_bds: list[tuple[int, int, int]] = []
+            if bmajor:
+                assert band is not None
+                _, _, last_part = band
+                for bi, (o0, o1) in enumerate(bands):
+                    got = _take_parts(p, slots, got, last_part[bi])
+                    for k, chk in enumerate(chunks[c]):
+                        buf = k % nbuf
+                        if bi == 0:
+                            for part in range(len(chk.parts(b))):
+                                p.acquire(LOCK_WFULL[buf][part])
+                        p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
+                                OUT_BASE=convb + chk.first * out_cg + 1 + boff[bi],
+                                IN_BASE=inb + o0 * geo.s * params["IN_ROW"], HO=o1 - o0)
+                        for g, j0, j1 in chk.pieces:
+                            assert (j0, j1) == (0, int(mask[g].sum()))
+                            p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
+                    p.nop(fence=True)
+                    p.release(LOCK_OFULL[(n_out + r) % 2])
+                    n_out += 1
+                    out_bds.append((outb + boff[bi], (o1 - o0) * out_row + (not per_row),
+                                    len(rows)))
+                for k, chk in enumerate(chunks[c]):
+                    for part in range(len(chk.parts(b))):
+                        p.release(LOCK_WEMPTY[k % nbuf][part])
+            pk = out_cg if per_row else 1 + nrows * ncols    # a block row's packet words
+            out_bds += [] if bmajor else [(outb + first * out_cg, pk, nb)
+                                          for first, nb in out_groups]
+            for k, chk in enumerate(chunks[c] if not bmajor else []):
                 buf, nparts = k % nbuf, len(chk.parts(b))
                 if band is not None:
                     # every block row of the chunk on each band of output rows in turn, each
@@ -1802,9 +1874,9 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                                        acquire=LockAction(LOCK_WEMPTY[k % nbuf][bus], 1),
                                        release=LockAction(LOCK_WFULL[k % nbuf][bus], 1))
                       for k, chk in enumerate(chunks[c]) if bus < len(chk.parts(b))]
-                ol = [BufferDescriptor(outb + first * out_cg, (out_cg, nb), (1, out_cg),
+                ol = [BufferDescriptor(a, (n, nb), (1, out_cg),
                                        acquire=LockAction(LOCK_OFULL[bus], 1))
-                      for first, nb in out_groups[(bus + r) % 2::2]]
+                      for a, n, nb in out_bds[(bus + r) % 2::2]]
                 tp.bds[CH_W[bus]] = _chain(wl)
                 tp.bds[CH_OUT[bus]] = _chain(ol)
             tiles.append(tp)

@@ -420,6 +420,12 @@ def test_overlay_rtl_bit_exact():
     assert len(compiled[4][3].jobs) > 1
     # tiles computing in row bands (more pixel groups than an accumulator buffer)
     assert any(tp.bands > 1 for job in compiled[0][3].jobs for tp in job.tiles)
+    # ... band-major (each band's outputs leave once it is done), with one header per band
+    # (full-width rectangles) and with one per row (narrower ones)
+    bm = {tp.rows[3] - tp.rows[2] == al.out_shape[2]
+          for _, _, _, al in compiled for job in al.jobs for tp in job.tiles
+          if tp.band_major}
+    assert bm == {True, False}
     assert any(j0 > 0 for job in compiled[-1][3].jobs for col in job.chunks for chk in col
                for _, j0, _ in chk.pieces)
     compiled += [(layer, x, xb, compile_eltwise_array(layer, x, cfg, x_b=xb))
