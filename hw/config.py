@@ -177,6 +177,13 @@ class OverlayConfig:
         d.pop("source")
         return d
 
+    @property
+    def ddr_interval(self) -> int:
+        """Cycles a DDR channel takes per tile word (``word_bytes / bytes_per_cycle``, at
+        least 1): the pace of the DDR model in the RTL harness, the overlay model and the
+        compiler's estimates."""
+        return max(1, self.tile.word_bytes // self.ddr.bytes_per_cycle)
+
     def digest(self) -> str:
         """Stable hash of every field that affects generated hardware (for build caches)."""
         blob = json.dumps({"array": asdict(self.array), "tile": asdict(self.tile),

@@ -140,6 +140,11 @@ class _Channel:
         while pos < len(stream):
             hdr = int(stream[pos])
             n = hdr & 0xFFFF
+            if pos + 1 + n > len(stream):
+                raise DeadlockError(
+                    f"{'shim' if rows else 'memtile'} read channel of column {col} (bus {bus}): "
+                    f"packet {len(self.packets)}'s header says {n} words, its BDs bring "
+                    f"{len(stream) - pos - 1}; the hardware would wait for the rest")
             self.packets.append(_Packet(stream[pos + 1:pos + 1 + n], hdr))
             seg = real[pos:pos + 1 + n]
             self.cost.append((int(seg.sum()), int((~seg).sum())))
@@ -368,7 +373,7 @@ class OverlayModel:
         # run at the converged timing (every op's result depends on the memory, not on when
         # the op ran, and the hazard checks then see the final timing)
         self._timing_model = TileModel(cfg.tile, timing_only=True)
-        self.interval = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+        self.interval = cfg.ddr_interval
 
     def run_layer(self, layer, memtiles: dict[int, np.ndarray] | None = None) -> ModelResult:
         """Run every job of ``layer`` (an :class:`~tilewright.sw.array_compiler.ArrayLayer`)

@@ -145,7 +145,7 @@ def overlay_harness_parameters(cfg: OverlayConfig) -> dict[str, int]:
         "WORD_BITS": cfg.tile.word_bits,
         "CFG_BITS": top.cfg_bits,
         "DDR_WORDS_LOG2": DDR_WORDS_LOG2,
-        "INTERVAL": max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle),
+        "INTERVAL": cfg.ddr_interval,
         "LATENCY": cfg.ddr.latency,
         "CFG_MAX": CFG_MAX,
     }

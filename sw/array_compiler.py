@@ -748,6 +748,12 @@ def _chain(bds: list[BufferDescriptor], first: int = 0) -> list[BufferDescriptor
     return out
 
 
+def _token_word(cfg: OverlayConfig) -> int:
+    """The memtile word where tokens and wrapper headers land (its last: the streams a
+    memtile keeps lie below it)."""
+    return cfg.memtile.bytes // cfg.tile.block - 1
+
+
 @dataclass
 class _Geometry:
     cin: int
@@ -1196,7 +1202,7 @@ def _program_words(chunks: list[Chunk], nnz_row: np.ndarray, b: int,
 
 def _read_rate(cfg: OverlayConfig) -> float:
     """DDR words per cycle the array's read channels move, all of them together."""
-    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     return cfg.array.cols * cfg.ddr.read_channels / step
 
 
@@ -1220,7 +1226,7 @@ def _overlap_loss_words(plan, geo: _Geometry, cfg: OverlayConfig) -> int:
     seven runs of 8 output rows instead of four of 14."""
     t = cfg.tile
     nr = cfg.ddr.read_channels
-    step = max(1, t.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     rate = _read_rate(cfg)
     taps = geo.kh * geo.kw
     total = 0
@@ -1608,10 +1614,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                 prefetch[(c, ch)] = (mt_use[c][1][ch], pieces)
             if replay and runs:
                 replay_bds, n_groups = _replay_bds(mt_use[c][1][ch], runs, ch, mcfg,
-                                                   cfg.memtile.bytes // b - 1)
+                                                   _token_word(cfg))
                 memtile_bds.setdefault(c, {})[mcfg.s2mm + ch] = replay_bds
                 memtile_bds[c][ch] = _chain([BufferDescriptor(
-                    cfg.memtile.bytes // b - 1, (1,), (1,),
+                    _token_word(cfg), (1,), (1,),
                     release=LockAction(MT_LOCKS[ch], 1))] * n_groups)
             bds: list[BufferDescriptor] = []
             n_run = 0
@@ -1934,7 +1940,7 @@ def _memtile_plan(jobs_spec, cfg: OverlayConfig, prefetch_at: dict[int, int] | N
     mt = array_memtile(cfg)
     if mt.s2mm < 2 or mt.mm2s < 2:
         return [{} for _ in jobs_spec]
-    capacity = cfg.memtile.bytes // b - 1          # the last word: the tokens' landing place
+    capacity = _token_word(cfg)                    # below the tokens' landing word
     keys = []
     for tile_ranges, _col_rows, chunks, _layout in jobs_spec:
         rows = tuple(_active_rows(tile_ranges))
@@ -1973,7 +1979,7 @@ def memtile_end(job: ArrayJob, cfg: OverlayConfig) -> dict[int, int]:
     replayed streams; the tokens' landing word, the memtile's last, not counted)."""
     from tilewright.sim.dm_model import bd_addresses
 
-    scratch = cfg.memtile.bytes // cfg.tile.block - 1
+    scratch = _token_word(cfg)
     end: dict[int, int] = {}
     for c, per in job.memtile_bds.items():
         for bds in per.values():
@@ -1993,7 +1999,7 @@ def add_prefetch(job: ArrayJob, nxt: ArrayJob, cfg: OverlayConfig) -> bool:
     from (the wrapper header to the tokens' landing word). Changes nothing and returns False
     if a BD table would overflow."""
     mcfg = array_memtile(cfg)
-    scratch = cfg.memtile.bytes // cfg.tile.block - 1
+    scratch = _token_word(cfg)
     shim: dict[tuple[int, int], list[BufferDescriptor]] = {}
     mt: dict[tuple[int, int], list[BufferDescriptor]] = {}
     for (c, bus), (base, pieces) in sorted(nxt.prefetch.items()):

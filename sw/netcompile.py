@@ -801,7 +801,7 @@ def _read_cycles(bds: list, cfg: OverlayConfig) -> int:
     the channel's rate plus padding words at one a cycle plus the task latency."""
     if not bds:
         return 0
-    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     cyc = cfg.ddr.latency
     i: int | None = 0
     while i is not None:
@@ -846,7 +846,7 @@ def _prefetch_worth(spare: dict[tuple[int, int], float], layer: ConvLayer,
     kh, kw = layer.kernel
     words = (int(mask.sum()) * kh * kw * b + mask.shape[0] * cfg.tile.qrec_words) / (
         2 * cfg.array.cols)
-    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     return words * step <= PREFETCH_SHARE * min(spare.values(), default=0)
 
 
@@ -870,7 +870,7 @@ def _spare(job, cfg: OverlayConfig) -> dict[tuple[int, int], float]:
 def _prefetch_fits(spare: dict[tuple[int, int], float], nxt, cfg: OverlayConfig) -> bool:
     """Whether read channels with ``spare`` idle cycles have the time to bring ``nxt``'s
     prefetched streams (:data:`PREFETCH_SHARE` of it)."""
-    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     return all(sum(1 + n for _, _, n in pieces) * step <= PREFETCH_SHARE * spare[key]
                for key, (_, pieces) in nxt.prefetch.items())
 
@@ -889,7 +889,7 @@ def _prefetch_words(arr: ArrayLayer) -> tuple[tuple[int, np.ndarray], ...]:
 def _ddr_cycles(arr: ArrayLayer, cfg: OverlayConfig) -> int:
     """Per run, the busiest DDR channel (reads: :func:`_read_cycles`; writes: every tile's
     output words and headers on the column's write channel), summed over runs."""
-    step = max(1, cfg.tile.word_bytes // cfg.ddr.bytes_per_cycle)
+    step = cfg.ddr_interval
     total = 0
     for job in arr.jobs:
         worst = 0

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from tilewright.hw.config import load_config
+from tilewright.sim.golden import DeadlockError, TileModel
+from tilewright.sim.overlay_model import OverlayModel
 from tilewright.sw.cli import main
 from tilewright.sw.graph import import_model
 from tilewright.sw.netcompile import (
@@ -371,6 +373,32 @@ def test_cli_no_prefetch(capsys):
     assert not any(r["prefetched"] for r in off["layers"])
     assert main(["compile", TINY, "--overlay", "tiny-2x2", "--sparsity", "0.5"]) == 0
     assert "whose weights the layer before prefetched" in capsys.readouterr().out
+
+
+def test_model_stops_on_a_packet_its_bds_do_not_complete():
+    """A prefetch wrapper whose header claims one word more than its BDs read: the model
+    names the channel and the packet (the RTL would wait for the word) instead of taking
+    the short packet."""
+    cfg = _cfg("tiny-2x2")
+    cn = compile_network(TINY, cfg, sparsity=0.5, seed=3, estimate=False)
+    arrays = [cl.array for cl in cn.layers if cl.array is not None]
+    i = next(i for i, arr in enumerate(arrays) if arr.jobs[0].prefetch)
+    (c, bus), (_, pieces) = min(arrays[i].jobs[0].prefetch.items())
+    hdr = pieces[0][0]
+    donor = arrays[i - 1]
+    extra = dict(donor.extra_reads)
+    extra[hdr] = extra[hdr] + np.uint64(1)
+    donor.extra_reads = tuple(extra.items())
+    model = OverlayModel(cfg)
+    model.tile_model = TileModel(cfg.tile, timing_only=True)
+    img = np.zeros(max(a + w.size for a, w in donor.extra_reads) + donor.ddr_base
+                   + donor.ddr.size, np.uint64)
+    img[donor.ddr_base:donor.ddr_base + donor.ddr.size] = donor.ddr
+    for a, w in donor.extra_reads:
+        img[a:a + w.size] = w
+    with pytest.raises(DeadlockError, match=rf"shim read channel of column {c} \(bus {bus}\)"
+                                            r".*header says \d+ words, its BDs bring"):
+        model.run_layer(dataclasses.replace(donor, ddr=img, ddr_base=0))
 
 
 def test_verify_reports_a_layer_the_model_stops_on():
