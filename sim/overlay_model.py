@@ -169,8 +169,8 @@ def _fair_rates(flows: dict) -> dict:
         for t in f["tiles"]:
             shared = shared or t in left
             left[t] = 1.0
-    if not shared:          # no port shared: each flow runs at its cap, at most what is left
-        return {fk: min([f["cap"]] + [left[t] for t in f["tiles"]]) for fk, f in flows.items()}
+    if not shared:          # no port shared: each flow runs at its cap, at most a word a cycle
+        return {fk: min(f["cap"], 1.0) for fk, f in flows.items()}
     todo = set(flows)
     while todo:
         cnt: dict = {}
@@ -503,14 +503,21 @@ class OverlayModel:
         # outputs: each tile's MM2S packets through the column's write channels
         wr_words = 0
         end = 0.0
-        for _, t, _, words in self._output_schedule(envs):
+        writer_free: dict[tuple[int, int], float] = {}
+        outs = sorted(((cycle, key, ch, words) for key, env in envs.items()
+                       for ch, cycle, words in env.outputs), key=lambda o: (o[0], o[1]))
+        for cycle, (_r, c), ch, words in outs:
+            k = (ch - N_S2MM) % cfg.ddr.write_channels
+            t = max(float(cycle) + _PIPE_OUT, writer_free.get((c, k), 0.0))
             pos = 0
             while pos < len(words):
                 hdr = int(words[pos])
                 n, addr = hdr & 0xFFFF, hdr >> 16
                 ddr[addr:addr + n] = words[pos + 1:pos + 1 + n]
                 wr_words += n
+                t += 1 + n * step
                 pos += 1 + n
+            writer_free[(c, k)] = t
             end = max(end, t)
         # the job is done once every read channel has sent its last packet too (a prefetch
         # for the next layer's memtile replay may outlast the cores)
@@ -534,29 +541,6 @@ class OverlayModel:
         res = JobResult(int(np.ceil(end)), rd_words, wr_words,
                         {k: int(r.cycles) for k, r in runs.items()}, n_iter, mt_rd, mt_wr)
         return ddr, res
-
-    def _output_schedule(self, envs: dict) -> list:
-        """The tiles' MM2S outputs through the column's write channels, in the order the
-        writers take them: ``(first cycle, cycle the last word is written, tile, words)``,
-        each behind the outputs queued before it on its channel (header and payload words,
-        a payload word at the DDR's pace)."""
-        step = self.interval
-        outs = sorted(((cycle, key, ch, words) for key, env in envs.items()
-                       for ch, cycle, words in env.outputs), key=lambda o: (o[0], o[1]))
-        free: dict = {}
-        sched = []
-        for cycle, key, ch, words in outs:
-            k = (key[1], (ch - N_S2MM) % self.cfg.ddr.write_channels)
-            t0 = max(float(cycle) + _PIPE_OUT, free.get(k, 0.0))
-            t1 = t0
-            pos = 0
-            while pos < len(words):
-                m = int(words[pos]) & 0xFFFF
-                t1 += 1 + m * step
-                pos += 1 + m
-            free[k] = t1
-            sched.append((t0, t1, key, words))
-        return sched
 
     def _check_bd_counts(self, job, mcfg) -> None:
         """Every channel's BDs fit its BD table (the hardware has no run-time reprogramming:

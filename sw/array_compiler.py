@@ -63,6 +63,7 @@ import numpy as np
 from tilewright.hw.bd import MAX_BDS, BufferDescriptor, LockAction
 from tilewright.hw.config import OverlayConfig
 from tilewright.hw.isa import INDEX_PER_WORD, Param, param_range
+from tilewright.hw.locks import check_int
 from tilewright.hw.overlay import CFG_KINDS, array_memtile, route_fields
 from tilewright.hw.tileunit import N_S2MM
 from tilewright.sw.asm import Program
@@ -744,8 +745,8 @@ def _chain(bds: list[BufferDescriptor], first: int = 0) -> list[BufferDescriptor
     out = []
     for i, bd in enumerate(bds):
         nxt = first + i + 1 if i + 1 < len(bds) else None
-        if nxt is not None and not 0 <= nxt < MAX_BDS:
-            raise ValueError(f"next_bd = {nxt} is outside 0..{MAX_BDS - 1}")
+        if nxt is not None:
+            check_int("next_bd", nxt, 0, MAX_BDS - 1)
         # a copy with only next_bd changed: bd's fields are checked already (a compile of
         # resnet50 chains some 90 k BDs)
         nb = copy.copy(bd)
@@ -1561,17 +1562,17 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             words = sum(w.size for _, w in wpk.get((c, bus), []))
             if words and use == "capture":
                 memtile_bds.setdefault(c, {})[bus] = _chain(_linear_bds(bases[bus], words))
+    # band-major: chunk k starts after band 0 of the chunks before (the fewest bands of a row)
+    min_bands = min((len(bd[0]) for bd in bands_of.values()), default=1)
     for c in range(C):
         use_c = mt_use.get(c, ("",))[0]
         replay = use_c in ("replay", "prefetched")
+        per = min_bands if band_major[c] else 1
         for ch in (0, 1):
             # by the latest cycle each can start streaming and still arrive in time: when
             # the cores need it (a block takes `step` cycles) less its time on the channel
             # (a bus's weight packets stay in chunk order: the tiles' BDs take them so)
             wl = wpk.get((c, ch), [])
-            # band-major: chunk k starts after band 0 of the chunks before
-            per = min(len(bd[0]) for bd in bands_of.values()) if bands_of and band_major[c] \
-                else 1
             late = [(chunk_at[c][k] + (W_HALF_SLACK * chunks[c][k].blocks_in_first_part(b)
                                        if ch == 1 and cuts else 0)) * step / per
                     for k, w in wl]
@@ -1773,11 +1774,10 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     # band once the slice rows it needs have landed (whole rows: no pieces)
                     for part in range(nparts):
                         p.acquire(LOCK_WFULL[buf][part])
-                    bands, _, last_part = band
                     for bi, (o0, o1) in enumerate(bands):
-                        got = _take_parts(p, slots, got, last_part[bi])
+                        got = _take_parts(p, slots, got, band[2][bi])
                         p.setps(Q_PTR=wbuf[buf], W_PTR=wbuf[buf] + chk.q_words,
-                                OUT_BASE=convb + chk.first * out_cg + 1 + o0 * out_row,
+                                OUT_BASE=convb + chk.first * out_cg + 1 + boff[bi],
                                 IN_BASE=inb + o0 * geo.s * params["IN_ROW"], HO=o1 - o0)
                         for g, j0, j1 in chk.pieces:
                             assert (j0, j1) == (0, int(mask[g].sum()))
