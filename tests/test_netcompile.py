@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from tilewright.hw.config import load_config
-from tilewright.sim.golden import DeadlockError, TileModel
-from tilewright.sim.overlay_model import OverlayModel
+from tilewright.sim.golden import DeadlockError
 from tilewright.sw.cli import main
 from tilewright.sw.graph import import_model
 from tilewright.sw.netcompile import (
     CompileError,
     block_prune,
     compile_network,
+    estimate_layer,
     find_fusions,
     load_model,
     plan_memory,
@@ -381,24 +381,17 @@ def test_model_stops_on_a_packet_its_bds_do_not_complete():
     the short packet."""
     cfg = _cfg("tiny-2x2")
     cn = compile_network(TINY, cfg, sparsity=0.5, seed=3, estimate=False)
-    arrays = [cl.array for cl in cn.layers if cl.array is not None]
-    i = next(i for i, arr in enumerate(arrays) if arr.jobs[0].prefetch)
-    (c, bus), (_, pieces) = min(arrays[i].jobs[0].prefetch.items())
+    layers = [cl for cl in cn.layers if cl.array is not None]
+    i = next(i for i, cl in enumerate(layers) if cl.prefetched)
+    (c, bus), (_, pieces) = min(layers[i].array.jobs[0].prefetch.items())
     hdr = pieces[0][0]
-    donor = arrays[i - 1]
-    extra = dict(donor.extra_reads)
+    donor = layers[i - 1]
+    extra = dict(donor.array.extra_reads)
     extra[hdr] = extra[hdr] + np.uint64(1)
-    donor.extra_reads = tuple(extra.items())
-    model = OverlayModel(cfg)
-    model.tile_model = TileModel(cfg.tile, timing_only=True)
-    img = np.zeros(max(a + w.size for a, w in donor.extra_reads) + donor.ddr_base
-                   + donor.ddr.size, np.uint64)
-    img[donor.ddr_base:donor.ddr_base + donor.ddr.size] = donor.ddr
-    for a, w in donor.extra_reads:
-        img[a:a + w.size] = w
+    donor.array.extra_reads = tuple(extra.items())
     with pytest.raises(DeadlockError, match=rf"shim read channel of column {c} \(bus {bus}\)"
                                             r".*header says \d+ words, its BDs bring"):
-        model.run_layer(dataclasses.replace(donor, ddr=img, ddr_base=0))
+        estimate_layer(donor, cfg)
 
 
 def test_verify_reports_a_layer_the_model_stops_on():
