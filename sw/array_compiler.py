@@ -309,6 +309,10 @@ class ArrayJob:
     memtile_use: dict[int, str] = field(default_factory=dict)
     prefetch: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = field(
         default_factory=dict)
+    #: A streamed job (:func:`_build_stream_job`): tile rows split the block rows, columns
+    #: the output rows; ``col_rows[c]`` is every block row column ``c`` computes and
+    #: ``row_ranges[c]`` (per column, not per tile row) its output rectangle.
+    stream: bool = False
 
     def records(self, cfg: OverlayConfig) -> list:
         """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
@@ -451,9 +455,10 @@ class ArrayLayer:
         """Word offsets (in the output region) that ``job`` writes."""
         _, ho, wo = self.out_shape
         idx = []
-        for rows in job.col_rows:
+        for c, rows in enumerate(job.col_rows):
             for g in rows:
-                for h0, h1, w0, w1 in job.row_ranges:
+                for h0, h1, w0, w1 in (job.row_ranges[c:c + 1] if job.stream
+                                       else job.row_ranges):
                     for y in range(h0, h1):
                         idx.append(np.arange(g * ho * wo + y * wo + w0,
                                              g * ho * wo + y * wo + w1))
@@ -1002,7 +1007,8 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
                        name: str | None = None, place: Placement | None = None,
                        memtile: bool = True, fuse: FusedAdd | None = None,
                        x_res: np.ndarray | None = None, repack: bool = True,
-                       prefetch_at: dict[int, int] | None = None) -> ArrayLayer:
+                       prefetch_at: dict[int, int] | None = None,
+                       stream: bool = True) -> ArrayLayer:
     """Compile a convolution (or linear) layer with input ``x`` for ``cfg``'s array.
 
     Parameters
@@ -1034,6 +1040,9 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
         memtile (``"prefetched"``), and the previous layer's last job brings them
         (:func:`add_prefetch`, which the caller applies; the streams lie in this layer's DDR
         image, :attr:`ArrayJob.prefetch`).
+    stream : bool
+        A convolution that would take several runs runs as fewer streamed runs where they
+        fit (:func:`_build_stream_job`); False: never.
 
     Raises
     ------
@@ -1133,6 +1142,27 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
 
     jobs: list[ArrayJob] = []
     wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
+    # fewer runs that stream their input through the tiles, where they fit and take fewer
+    # cycles by a rough count
+    for n in range(1, min(len(jobs_spec), STREAM_RUNS_MAX) + 1
+                   if stream and s2d is None and len(jobs_spec) > 1 else 0):
+        mark = img.mark()
+        rough = 0
+        for i, part in enumerate(_split_rows(ho, n)):
+            sj = _build_stream_job(i, geo, layer, cfg, rf, in_base, out_base, img.put, wlines,
+                                   nnz_row, part, fuse, res_base)
+            if sj is None:
+                break
+            jobs.append(sj[0])
+            rough += sj[1]
+        fitted = len(jobs) == n
+        if fitted and rough < _runs_rough(jobs_spec, geo, nnz_row, cfg, fuse is not None):
+            jobs_spec = []
+            break
+        jobs.clear()
+        img.rollback(mark)
+        if fitted:
+            break                   # more streamed runs would not count fewer cycles
     mt_plan = (_memtile_plan(jobs_spec, cfg, prefetch_at) if memtile
                else [{} for _ in jobs_spec])
     # as many activation parts as the shim's BDs allow (more parts: the cores start sooner);
@@ -2065,6 +2095,324 @@ def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
         out.append(rec)
     return out
 
+
+
+# Streamed 1x1 layers -------------------------------------------------------------------------
+
+#: Input slots of a streamed job (:func:`_build_stream_job`): the core computes on one while
+#: the column buses fill the other.
+STREAM_SLOTS = 2
+#: A streamed block reads the halo rows of a kernel taller than its stride again; at most
+#: this many times the block's own input rows.
+STREAM_REREAD = 2
+#: A layer that would take several runs tries this many streamed runs at most (a fused
+#: add's outputs, scratch and residual take tile memory: ResNet50's layer1 adds take 2).
+STREAM_RUNS_MAX = 4
+#: A streamed fused add's residual slots: ``STREAM_RES_LOCKS[0][s]`` full (its S2MM BD
+#: releases it), ``STREAM_RES_LOCKS[1][s]`` empty (the core releases it after the ADDs).
+STREAM_RES_LOCKS = ((11, 12), (13, 14))
+
+
+def _build_stream_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig, rf,
+                      in_base: int, out_base: int, put, wlines: list[np.ndarray],
+                      nnz_row: np.ndarray, out_rows: tuple[int, int],
+                      fuse: FusedAdd | None = None, res_base: int | None = None
+                      ) -> tuple[ArrayJob, int] | None:
+    """One overlay run of a convolution over the output rows ``out_rows`` that streams its
+    input through tile memory and its rough cycle count, or None if it does not fit.
+
+    The array is used the other way round from :func:`_build_job`: tile rows split the
+    output channels (block rows, balanced by non-zero blocks; contiguous ranges with a fused
+    add) and keep their weights resident (one packet per read channel on the row bus to the
+    activation writer, once), columns split the output rows. Each column's rows come in row
+    blocks of every input channel group (a kernel taller than its stride reads the halo rows
+    of each block again), broadcast down the column (half the channel groups on each column
+    bus, so both of the column's read channels carry every block) into :data:`STREAM_SLOTS`
+    input slots of every tile of the column, through the S2MM channels' BDs with a
+    full/empty lock pair per slot and bus (the weight buffers' locks): a block waits in the
+    DDR channel until the cores have freed its slot, so a layer whose input is far larger
+    than a tile runs in one run (or a few), its transfers overlapping the compute, instead of
+    many runs that each start and drain. The outputs stay in tile memory (one packet per
+    block row and row block, its header slot before it) and leave after each row block.
+    With ``fuse``, each tile's residual of a row block (its channel groups over the block's
+    rows) comes down the column bus of the block's parity to that tile alone, into one of
+    two residual slots (locks :data:`STREAM_RES_LOCKS`); the CONVs write a scratch block
+    that the block's ADDs add to it.
+    """
+    t = cfg.tile
+    b = t.block
+    R, C = cfg.array.rows, cfg.array.cols
+    aw = t.addr_bits
+    if geo.gin < 2 or cfg.ddr.read_channels < 2:
+        return None
+    mask = block_mask(layer.weight, b)
+    wo = geo.wo
+    taps = geo.kh * geo.kw
+    row_rows = (_balance(nnz_row, R) if fuse is None
+                else _balance_contiguous(nnz_row * taps, R, 2))
+    h0, h1 = out_rows
+    col_out = [(h0 + y0, h0 + y1) for y0, y1 in _split_rows(h1 - h0, C)]
+    act_rows = [r for r in range(R) if row_rows[r]]
+    act_cols = [c for c in range(C) if col_out[c][1] > col_out[c][0]]
+    tile_mask = sum(1 << r for r in act_rows)
+    col_mask = sum(1 << (rf.cols + c) for c in act_cols)
+    qbytes = _qbytes_all(layer, b, t.qrec_words)
+    add_q = (_add_records(fuse.add, layer.cout, b, t.qrec_words) if fuse is not None else [])
+    gh = geo.gin // 2
+    halves = ((0, gh), (gh, geo.gin))
+    in_row, in_plane = geo.sub * geo.in_w, geo.in_h * geo.in_w
+    cols_in = geo.cols_in(wo)                          # every block: the whole padded width
+    pad_l = geo.pw
+    x_n = min(geo.w, cols_in - pad_l)                  # input columns read (the rest padding)
+    pad_r = cols_in - pad_l - x_n
+
+    # per tile row: the resident weights (records, then lines) and the tile memory layout
+    wpay: dict[int, np.ndarray] = {}
+    q_words: dict[int, int] = {}
+    for r in act_rows:
+        body = [np.concatenate([qbytes[g] for g in row_rows[r]]).view(np.uint8)]
+        q_words[r] = _align(len(row_rows[r]) * t.qrec_words, 8)
+        pad_q = q_words[r] * b - sum(qbytes[g].size for g in row_rows[r])
+        if pad_q:
+            body.append(np.zeros(pad_q, dtype=np.uint8))
+        body += [wlines[g] for g in row_rows[r]]
+        wpay[r] = _words_of(np.concatenate(body), b)
+    nrow_max = max(len(row_rows[r]) for r in act_rows)
+
+    def fixed(r: int, kb: int) -> int:
+        """Tile words besides the outputs: weights, input slots, a fused add's records,
+        scratch block and residual slots."""
+        n = _align(wpay[r].size, 8) + STREAM_SLOTS * _align(geo.rows_in(kb) * cols_in * geo.gin,
+                                                            8)
+        if fuse is not None:
+            n += _align(len(row_rows[r]) * t.qrec_words, 8) + 3 * len(row_rows[r]) * kb * wo
+        return n
+
+    # the row block: 2 slots of kb rows of every input group, the weights and the outputs
+    # of the column's rows must fit; of those, the one with the least cycles by a rough
+    # count: the larger of the busiest core's issue cycles and the busiest read channel's,
+    # plus the first block's transfer and the last block's compute (and a little for the
+    # traffic)
+    rows_max = max(y1 - y0 for y0, y1 in col_out)
+    per_row = max(sum(int(nnz_row[g]) * taps + 1 for g in row_rows[r]) for r in act_rows) \
+        * _cdiv(wo, t.pixels)
+    step = cfg.ddr_interval
+    kb, best = None, None
+    for cand in range(1, rows_max + 1):
+        nblk = _cdiv(rows_max, cand)
+        # halo rows read again: at most STREAM_REREAD times the input rows
+        if geo.rows_in(cand) > STREAM_REREAD * cand * geo.s:
+            continue
+        # BDs: a read channel's weight packets and per block a header and a payload (and a
+        # fused add's residual packets on every other block); a tile's S2MM channel one per
+        # block and residual
+        res_bds = _cdiv(nblk, 2) * len(act_rows) * 2 if fuse is not None else 0
+        if (3 * _cdiv(len(act_rows), len(act_cols)) + 2 * nblk + res_bds
+                > cfg.ddr.bds_per_channel
+                or nblk + (fuse is not None) * _cdiv(nblk, 2) > t.bds_per_channel):
+            continue
+        need = max(fixed(r, cand) + len(row_rows[r]) * (rows_max * wo + nblk)
+                   for r in act_rows)
+        if need > t.dmem_words:
+            continue
+        half = geo.rows_in(cand) * cols_in * (geo.gin - gh)
+        if fuse is not None:
+            half += nrow_max * cand * wo * len(act_rows) // 2
+        outs = sum(len(row_rows[r]) for r in act_rows) * rows_max * wo   # a column's
+        cost = (max(per_row * rows_max, (half * nblk + 2 * nblk) * step,
+                    outs * step // cfg.ddr.write_channels)
+                + half * step + per_row * cand)
+        key = cost + half * nblk * step // 16          # and, among those, less traffic
+        if best is None or key < best[0]:
+            kb, best = cand, (key, cost)
+    if kb is None:
+        return None
+
+    tiles: list[TilePlan] = []
+    for r in range(R):
+        for c in range(C):
+            y0, y1 = col_out[c]
+            tp = TilePlan(r, c, (y0, y1, 0, wo))
+            rows = row_rows[r]
+            if r not in act_rows or c not in act_cols:
+                tp.program = Program().halt().words
+                tiles.append(tp)
+                continue
+            nr = len(rows)
+            blocks = [(a, min(a + kb, y1)) for a in range(y0, y1, kb)]
+            slot_w = _align(geo.rows_in(kb) * cols_in * geo.gin, 8)
+            sb = [_align(wpay[r].size, 8) + s * slot_w for s in range(STREAM_SLOTS)]
+            top = sb[-1] + slot_w
+            tp.regions = {"wbuf0": (0, wpay[r].size), "in": (sb[0], STREAM_SLOTS * slot_w)}
+            if fuse is not None:
+                qadd, mid = top, top + _align(nr * t.qrec_words, 8)
+                rs = [mid + (1 + s) * nr * kb * wo for s in range(2)]
+                top = rs[1] + nr * kb * wo
+                tp.regions |= {"qadd": (qadd, nr * t.qrec_words), "mid": (mid, nr * kb * wo),
+                               "res": (rs[0], 2 * nr * kb * wo)}
+                recs = np.concatenate([add_q[g] for g in rows])
+                for i, wv in enumerate(_words_of(recs, b)):
+                    tp.dm[qadd + i] = int(wv)
+            outb = top
+            out_cg = (y1 - y0) * wo + len(blocks)
+            offs = list(itertools.accumulate((1 + (e - a) * wo for a, e in blocks),
+                                             initial=0))
+            assert outb + nr * out_cg <= t.dmem_words
+            tp.regions["out"] = (outb, nr * out_cg)
+            for j, g in enumerate(rows):
+                for k, (a, e) in enumerate(blocks):
+                    addr = out_base + g * geo.ho * wo + a * wo
+                    tp.dm[outb + j * out_cg + offs[k]] = ((e - a) * wo) | (addr << 16)
+            conv_p = {"IN_ROW": cols_in, "STRIDE": geo.s, "SHIFT": layer.shift}
+            params = conv_p | {"OUT_ROW": wo, "OUT_CG": out_cg, "WO": wo, "KH": geo.kh,
+                               "KW": geo.kw, "HO": kb, "IN_CG": geo.rows_in(kb) * cols_in}
+            if fuse is not None:
+                ma, mb = fuse.add.mul_a, fuse.add.mul_b
+                params |= {"MUL_A": ma if fuse.conv_operand == 0 else mb,
+                           "MUL_B": mb if fuse.conv_operand == 0 else ma}
+            for key, v in params.items():
+                if not param_range(Param[key], t).accepts(v):
+                    return None
+            p = Program().setps(**params)
+            p.acquire(LOCK_IN, 2)                  # the weights: a packet per read channel
+            for k, (a, e) in enumerate(blocks):
+                s = k % STREAM_SLOTS
+                for h in range(2):
+                    p.acquire(LOCK_WFULL[s][h])
+                if fuse is not None and k:
+                    p.setps(**conv_p)
+                p.setps(IN_BASE=sb[s], IN_CG=geo.rows_in(e - a) * cols_in, HO=e - a, Q_PTR=0,
+                        W_PTR=q_words[r],
+                        OUT_BASE=outb + offs[k] + 1 if fuse is None else mid,
+                        OUT_CG=out_cg if fuse is None else (e - a) * wo)
+                for g in rows:
+                    p.conv(np.flatnonzero(mask[g]).tolist(), relu=layer.relu)
+                for h in range(2):
+                    p.release(LOCK_WEMPTY[s][h])
+                if fuse is not None:
+                    # CONV output + residual, then the block's outputs leave
+                    rl = k % 2
+                    p.acquire(STREAM_RES_LOCKS[0][rl])
+                    p.setps(IN_BASE=mid, IN_ROW=wo, IN_CG=(e - a) * wo, B_BASE=rs[rl],
+                            OUT_BASE=outb + offs[k] + 1, OUT_CG=out_cg, Q_PTR=qadd,
+                            SHIFT=fuse.add.shift, STRIDE=1)
+                    for j in range(nr):
+                        p.add(j, relu=fuse.add.relu, fence=j == 0)
+                    p.release(STREAM_RES_LOCKS[1][rl])
+                p.nop(fence=True)
+                p.release(LOCK_OFULL[(k + r) % 2])
+            tp.program = p.halt().words
+            if len(tp.program) > t.pmem_words:
+                return None
+            tp.locks = {lk: 1 for pair in LOCK_WEMPTY[:STREAM_SLOTS] for lk in pair}
+            if fuse is not None:
+                tp.locks |= {lk: 1 for lk in STREAM_RES_LOCKS[1]}
+            for h, (g0, g1) in enumerate(halves):
+                ins = []
+                for k, (a, e) in enumerate(blocks):
+                    n_in = geo.rows_in(e - a) * cols_in
+                    ins.append(BufferDescriptor(
+                        sb[k % STREAM_SLOTS] + g0 * n_in, ((g1 - g0) * n_in,), (1,),
+                        acquire=LockAction(LOCK_WEMPTY[k % STREAM_SLOTS][h], 1),
+                        release=LockAction(LOCK_WFULL[k % STREAM_SLOTS][h], 1)))
+                    if fuse is not None and k % 2 == h:
+                        ins.append(BufferDescriptor(
+                            rs[h], (nr * (e - a) * wo,), (1,),
+                            acquire=LockAction(STREAM_RES_LOCKS[1][h], 1),
+                            release=LockAction(STREAM_RES_LOCKS[0][h], 1)))
+                tp.bds[CH_W[h]] = _chain(ins)
+                tp.bds[CH_OUT[h]] = _chain([
+                    BufferDescriptor(outb + offs[k], (1 + (e - a) * wo, nr),
+                                     (1, out_cg), acquire=LockAction(LOCK_OFULL[h], 1))
+                    for k, (a, e) in enumerate(blocks) if (k + r) % 2 == h])
+            if max(len(v) for v in tp.bds.values()) > t.bds_per_channel:
+                return None
+            tiles.append(tp)
+
+    # ---- read channels: the weights first (tile row r's on column r % C, half on each
+    # channel), then the column's row blocks, channel h the input groups of half h (and
+    # with a fused add, after the blocks of parity h, each tile's residual of the block) ---
+    shim_bds: dict[int, dict[int, list[BufferDescriptor]]] = {c: {0: [], 1: []}
+                                                            for c in range(C)}
+    for r in act_rows:
+        c = act_cols[r % len(act_cols)]
+        n_all = wpay[r].size
+        cut = _align(n_all // 2, b) if n_all > b else n_all
+        for h, (o0, o1) in enumerate(((0, cut), (cut, n_all))):
+            n = o1 - o0
+            route = (1 + n) | (1 << (rf.row + r)) | col_mask
+            write = n | (o0 << 16) | (LOCK_IN << (16 + aw))
+            hbase = put(np.array([route, write], dtype=np.uint64))
+            bds = [BufferDescriptor(hbase, (2,), (1,))]
+            if n:
+                bds += _linear_bds(put(wpay[r][o0:o1]), n)
+            shim_bds[c][h] += bds
+    for c in act_cols:
+        y0, y1 = col_out[c]
+        for k, a in enumerate(range(y0, y1, kb)):
+            e = min(a + kb, y1)
+            rows_in = geo.rows_in(e - a)
+            a0 = a * geo.s - geo.ph                  # the block's first input row
+            iy0, iy1 = max(a0, 0), min(a0 + rows_in, geo.h)
+            ptop, pbot = iy0 - a0, a0 + rows_in - iy1
+            for h, (g0, g1) in enumerate(halves):
+                n = (g1 - g0) * rows_in * cols_in
+                hdr = put(np.array([n | (1 << rf.col) | (tile_mask << rf.tile)], np.uint64))
+                shim_bds[c][h] += [
+                    BufferDescriptor(hdr, (1,), (1,)),
+                    BufferDescriptor(in_base + g0 * in_plane + iy0 * in_row,
+                                     (x_n, iy1 - iy0, g1 - g0), (geo.sub, in_row, in_plane),
+                                     (pad_l, ptop, 0), (pad_r, pbot, 0))]
+            if fuse is None:
+                continue
+            for r in act_rows:
+                rows = row_rows[r]
+                n = len(rows) * (e - a) * wo
+                hdr = put(np.array([n | (1 << rf.col) | (1 << (rf.tile + r))], np.uint64))
+                shim_bds[c][k % 2] += [
+                    BufferDescriptor(hdr, (1,), (1,)),
+                    BufferDescriptor(res_base + rows[0] * geo.ho * wo + a * wo,
+                                     ((e - a) * wo, len(rows)), (1, geo.ho * wo))]
+    for c in range(C):
+        for h in (0, 1):
+            if len(shim_bds[c][h]) > cfg.ddr.bds_per_channel:
+                return None
+            shim_bds[c][h] = _chain(shim_bds[c][h])
+    col_rows = [sorted(g for r in act_rows for g in row_rows[r]) if c in act_cols else []
+                for c in range(C)]
+    return ArrayJob(ji, tiles, shim_bds, col_rows, [(*col_out[c], 0, wo) for c in range(C)],
+                    [[] for _ in range(C)], stream=True), best[1]
+
+
+def _runs_rough(jobs_spec, geo: _Geometry, nnz_row: np.ndarray, cfg: OverlayConfig,
+                fused: bool) -> int:
+    """A rough cycle count of the runs ``jobs_spec`` (:func:`_try_plan`), comparable with
+    :func:`_build_stream_job`'s: per run the largest of the busiest core's issue cycles, the
+    read channels' share of its slices, weights (a run with the block rows of the run before
+    replays them from the memtile) and residual, and the write channels' share of its
+    outputs, plus :data:`RUN_COST_CYCLES`, plus what the cores cannot overlap
+    (:func:`_overlap_loss_words`)."""
+    t = cfg.tile
+    taps = geo.kh * geo.kw
+    w_row = [int(n) * taps * t.block + t.qrec_words for n in nnz_row]
+    rate = _read_rate(cfg)
+    wrate = cfg.array.cols * cfg.ddr.write_channels / cfg.ddr_interval
+    total, prev = 0, None
+    for row_ranges, col_rows, _, _ in jobs_spec:
+        comp = max(sum(int(nnz_row[g]) * taps + 1 for g in rows)
+                   * (h1 - h0) * _cdiv(w1 - w0, t.pixels)
+                   for rows in col_rows for h0, h1, w0, w1 in row_ranges)
+        words = sum(geo.gin * geo.rows_in(h1 - h0) * geo.cols_in(w1 - w0)
+                    for h0, h1, w0, w1 in row_ranges if h1 > h0)
+        if col_rows != prev:
+            words += sum(w_row[g] for rows in col_rows for g in rows)
+        prev = col_rows
+        outs = sum(len(rows) for rows in col_rows) * sum(
+            (h1 - h0) * (w1 - w0) for h0, h1, w0, w1 in row_ranges)
+        if fused:
+            words += outs
+        total += int(max(comp, words / rate, outs / wrate)) + RUN_COST_CYCLES
+    return total + int(_overlap_loss_words(jobs_spec, geo, cfg) / rate)
 
 
 # Pools and element-wise adds --------------------------------------------------------------------
