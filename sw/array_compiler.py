@@ -1743,10 +1743,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                       "OUT_ROW": out_row, "OUT_CG": out_cg, "HO": nrows, "WO": ncols,
                       "KH": geo.kh, "KW": geo.kw, "STRIDE": geo.s, "SHIFT": layer.shift}
             if fuse is not None:
-                # the add's a operand is the CONV's output (IN_BASE), b the residual (B_BASE)
-                ma, mb = fuse.add.mul_a, fuse.add.mul_b
-                params |= {"MUL_A": ma if fuse.conv_operand == 0 else mb,
-                           "MUL_B": mb if fuse.conv_operand == 0 else ma}
+                params |= _add_muls(fuse)
             for key, v in params.items():
                 if not param_range(Param[key], t).accepts(v):
                     raise ValueError(f"layer {layer.name!r}: tile ({r},{c}) parameter {key} "
@@ -1924,6 +1921,14 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
             tiles.append(tp)
     return ArrayJob(ji, tiles, shim_bds, col_rows, row_ranges, chunks, memtile_bds,
                     {c: use for c, (use, _) in mt_use.items()}, prefetch)
+
+
+def _add_muls(fuse: FusedAdd) -> dict[str, int]:
+    """A fused add's multipliers as ADD parameters: operand a is the CONV's output
+    (``IN_BASE``), b the residual (``B_BASE``)."""
+    ma, mb = fuse.add.mul_a, fuse.add.mul_b
+    return {"MUL_A": ma if fuse.conv_operand == 0 else mb,
+            "MUL_B": mb if fuse.conv_operand == 0 else ma}
 
 
 def _replay_bds(base: int, runs: list[int], bus: int, mcfg, scratch: int
@@ -2267,9 +2272,7 @@ def _build_stream_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayCon
             params = conv_p | {"OUT_ROW": wo, "OUT_CG": out_cg, "WO": wo, "KH": geo.kh,
                                "KW": geo.kw, "HO": kb, "IN_CG": geo.rows_in(kb) * cols_in}
             if fuse is not None:
-                ma, mb = fuse.add.mul_a, fuse.add.mul_b
-                params |= {"MUL_A": ma if fuse.conv_operand == 0 else mb,
-                           "MUL_B": mb if fuse.conv_operand == 0 else ma}
+                params |= _add_muls(fuse)
             for key, v in params.items():
                 if not param_range(Param[key], t).accepts(v):
                     return None
