@@ -1144,6 +1144,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     wlines = _weight_lines_all(layer, b)        # once: a layer of many runs needs them all
     # fewer runs that stream their input through the tiles, where they fit and take fewer
     # cycles by a rough count
+    runs_rough: int | None = None
     for n in range(1, min(len(jobs_spec), STREAM_RUNS_MAX) + 1
                    if stream and s2d is None and len(jobs_spec) > 1 else 0):
         mark = img.mark()
@@ -1156,7 +1157,9 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
             jobs.append(sj[0])
             rough += sj[1]
         fitted = len(jobs) == n
-        if fitted and rough < _runs_rough(jobs_spec, geo, nnz_row, cfg, fuse is not None):
+        if fitted and runs_rough is None:
+            runs_rough = _runs_rough(jobs_spec, geo, nnz_row, cfg, fuse is not None)
+        if fitted and rough < runs_rough:
             jobs_spec = []
             break
         jobs.clear()
