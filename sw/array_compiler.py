@@ -1437,12 +1437,7 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
     for c in range(C):
         blk = geo.kh * geo.kw * b * b                 # bytes of one block's weight lines
         for k, chk in enumerate(chunks[c]):
-            body = [np.concatenate([qbytes[g] for g, _, _ in chk.pieces]).view(np.uint8)]
-            pad_q = chk.q_words * b - sum(qbytes[g].size for g, _, _ in chk.pieces)
-            if pad_q:
-                body.append(np.zeros(pad_q, dtype=np.uint8))
-            body += [wlines[g][j0 * blk:j1 * blk] for g, j0, j1 in chk.pieces]
-            payload = _words_of(np.concatenate(body), b)
+            payload = _weight_payload(chk.pieces, chk.q_words, qbytes, wlines, blk, b)
             assert payload.size == chk.words
             capture = mt_use.get(c, ("",))[0] == "capture"
             for bus, (off, n) in enumerate(chk.parts(b)):
@@ -1926,6 +1921,20 @@ def _build_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayConfig,
                     {c: use for c, (use, _) in mt_use.items()}, prefetch)
 
 
+def _weight_payload(pieces: list[tuple[int, int, int]], q_words: int,
+                    qbytes: list[np.ndarray], wlines: list[np.ndarray], blk: int, b: int
+                    ) -> np.ndarray:
+    """The words of a weight packet: the requantisation record of each piece ``(block row,
+    first block, end block)`` padded to ``q_words`` words, then the pieces' weight lines
+    (``blk`` bytes a block)."""
+    body = [np.concatenate([qbytes[g] for g, _, _ in pieces]).view(np.uint8)]
+    pad_q = q_words * b - sum(qbytes[g].size for g, _, _ in pieces)
+    if pad_q:
+        body.append(np.zeros(pad_q, dtype=np.uint8))
+    body += [wlines[g][j0 * blk:j1 * blk] for g, j0, j1 in pieces]
+    return _words_of(np.concatenate(body), b)
+
+
 def _add_muls(fuse: FusedAdd) -> dict[str, int]:
     """A fused add's multipliers as ADD parameters: operand a is the CONV's output
     (``IN_BASE``), b the residual (``B_BASE``)."""
@@ -2105,7 +2114,7 @@ def _qbytes_all(layer: ConvLayer, b: int, qrec_words: int) -> list[np.ndarray]:
 
 
 
-# Streamed 1x1 layers -------------------------------------------------------------------------
+# Streamed runs ------------------------------------------------------------------------------------
 
 #: Input slots of a streamed job (:func:`_build_stream_job`): the core computes on one while
 #: the column buses fill the other.
@@ -2177,14 +2186,11 @@ def _build_stream_job(ji: int, geo: _Geometry, layer: ConvLayer, cfg: OverlayCon
     # per tile row: the resident weights (records, then lines) and the tile memory layout
     wpay: dict[int, np.ndarray] = {}
     q_words: dict[int, int] = {}
+    blk = taps * b * b                                 # bytes of one block's weight lines
     for r in act_rows:
-        body = [np.concatenate([qbytes[g] for g in row_rows[r]]).view(np.uint8)]
         q_words[r] = _align(len(row_rows[r]) * t.qrec_words, 8)
-        pad_q = q_words[r] * b - sum(qbytes[g].size for g in row_rows[r])
-        if pad_q:
-            body.append(np.zeros(pad_q, dtype=np.uint8))
-        body += [wlines[g] for g in row_rows[r]]
-        wpay[r] = _words_of(np.concatenate(body), b)
+        wpay[r] = _weight_payload([(g, 0, int(nnz_row[g])) for g in row_rows[r]], q_words[r],
+                                  qbytes, wlines, blk, b)
     nrow_max = max(len(row_rows[r]) for r in act_rows)
 
     def fixed(r: int, kb: int) -> int:
