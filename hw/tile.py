@@ -96,8 +96,9 @@ class ComputeTile(wiring.Component):
     dm_we, dm_re, dm_addr, dm_wdata, dm_rdata, dm_ready :
         Data memory word port for datamovers and hosts. An access is performed in a cycle
         where ``dm_ready`` is high (``dm_rdata`` is valid the cycle after a performed read);
-        the engine has priority: writes wait while the writeback unit writes, reads while
-        the engine reads a weight line or requantisation record. Idle tiles are always ready.
+        the engine has priority: writes wait while the writeback unit writes the same bank,
+        reads while the engine reads a weight line or requantisation record. Idle tiles are
+        always ready.
     dr_re, dr_addr, dr_rdata, dr_ready :
         A second, read-only data memory port for datamovers (the MM2S channels), on the read
         port the ``dm`` writes do not use: a read here and a write on ``dm`` are performed in
@@ -607,17 +608,25 @@ class ComputeTile(wiring.Component):
         wb_addr = [Signal(AW, name=f"wb_addr{p}") for p in range(P)]
         for p in range(P):
             m.d.comb += wb_addr[p].eq(dsel.out_base + cur_row + (cur_gx << ceil_log2(P)) + p)
+        wb_lane = [Signal(name=f"wb_lane{p}") for p in range(P)]
+        for p in range(P):
+            m.d.comb += wb_lane[p].eq(wb_go & (((cur_gx << ceil_log2(P)) + p) < dsel.wo))
         for k in range(NB):
             for p in range(P):
-                valid = wb_go & (((cur_gx << ceil_log2(P)) + p) < dsel.wo)
-                with m.If(valid & (wb_addr[p][:BB] == k)):
+                with m.If(wb_lane[p] & (wb_addr[p][:BB] == k)):
                     m.d.comb += [wrC[k].addr.eq(wb_addr[p][BB:]), wrC[k].data.eq(out_words[p]),
                                  wrC[k].en.eq(1)]
 
         # ---- external data memory port (datamovers): the engine has priority ---------------
         # (writes go to port C, reads to port B: a `dr` read and a `dm` write share no port)
         ext_off = Signal(BB)
-        dm_go = Mux(self.dm_we, ~wb_go, ~eng_b)
+        # a write waits only while the writeback writes its bank (port C has an address per
+        # bank): it no longer waits out every writeback cycle, which held a whole column
+        # bus's broadcast whenever one of its tiles wrote back
+        wb_conflict = Signal()
+        m.d.comb += wb_conflict.eq(Cat(*[wb_lane[p] & (wb_addr[p][:BB] == self.dm_addr[:BB])
+                                         for p in range(P)]).any())
+        dm_go = Mux(self.dm_we, ~wb_conflict, ~eng_b)
         dm_read = self.dm_re & ~self.dm_we
         dr_go = ~eng_b & ~dm_read
         m.d.comb += [self.dm_ready.eq(dm_go), self.dr_ready.eq(dr_go)]

@@ -106,7 +106,12 @@ def test_datamover_access_while_running():
     want = TileModel(TINY).run(c.program, c.dmem)
     dut_top = TileWithLocks(TINY)
     dut = dut_top.tile
-    extra = {a: 0x5A5A0000 + a for a in range(TINY.dmem_words // 2 - 64, TINY.dmem_words // 2)}
+    # 64 writes to the 8 words of bank 0 in a free region (a word written 8 times, the last
+    # value stays): a write waits only while the writeback writes its bank
+    region = range(TINY.dmem_words // 2 - 64, TINY.dmem_words // 2)
+    writes = [(a, 0x5A5A0000 + 0x100 * n + a) for n in range(8)
+              for a in region if a % TINY.dmem_banks == 0]
+    extra = dict(writes)
     seen: dict = {}
 
     async def bench(ctx):
@@ -115,13 +120,13 @@ def test_datamover_access_while_running():
         ctx.set(dut.start, 1)
         await ctx.tick()
         ctx.set(dut.start, 0)
-        todo = sorted(extra)
+        todo = list(writes)
         refused = 0
         while not ctx.get(dut.done):
             if todo:
                 ctx.set(dut.dm_we, 1)
-                ctx.set(dut.dm_addr, todo[0])
-                ctx.set(dut.dm_wdata, extra[todo[0]])
+                ctx.set(dut.dm_addr, todo[0][0])
+                ctx.set(dut.dm_wdata, todo[0][1])
                 if ctx.get(dut.dm_ready):
                     todo.pop(0)
                 else:
