@@ -163,6 +163,38 @@ def overlay_build_args() -> tuple[str, ...]:
     return ("--threads", n) if int(n) > 1 else ()
 
 
+#: Tiles from which an overlay's tile unit is Verilated as a hierarchical block. Verilator
+#: emits a copy of a flattened module's code per instance, and on aie2-4x4 the 16 copies no
+#: longer fit the caches: the bench layer ran at 13.0 k cycles/s flat and 26.8 k with the tile
+#: unit a hierarchical block (one copy, shared; 25.4 k with the memtile one too), and built in
+#: 62 s instead of 275 s. A block's ports cost a little every cycle, so small arrays are
+#: faster flat: aie2-2x2 135 k cycles/s flat, 90 k hierarchical (docs/results.md).
+HIER_MIN_TILES = 9
+
+
+def overlay_hier_blocks(cfg: OverlayConfig) -> tuple[str, ...]:
+    """The modules of ``cfg``'s overlay that its Verilator build compiles as hierarchical
+    blocks: the tile unit from :data:`HIER_MIN_TILES` tiles on, none below.
+    ``TILEWRIGHT_VERILATOR_HIER`` overrides the rule: ``none``, or a comma-separated list of
+    ``tileunit``, ``memtile`` and ``shim``."""
+    from tilewright.hw.overlay import MEMTILE_MODULE, SHIM_MODULE, TILEUNIT_MODULE
+
+    names = {"tileunit": TILEUNIT_MODULE, "memtile": MEMTILE_MODULE, "shim": SHIM_MODULE}
+    env = os.environ.get("TILEWRIGHT_VERILATOR_HIER", "").strip()
+    if not env:
+        if cfg.array.rows * cfg.array.cols >= HIER_MIN_TILES:
+            return (TILEUNIT_MODULE,)
+        return ()
+    if env == "none":
+        return ()
+    parts = [p.strip() for p in env.split(",")]
+    bad = [p for p in parts if p not in names]
+    if bad:
+        raise ValueError(f"TILEWRIGHT_VERILATOR_HIER must be 'none' or a comma-separated "
+                         f"list of {', '.join(names)}, not {env!r}")
+    return tuple(names[p] for p in dict.fromkeys(parts))
+
+
 def build_overlay(cfg: OverlayConfig, *, rebuild: bool = False) -> Path:
     """Generate and Verilate ``cfg``'s overlay with its harness (cached by configuration hash).
 
@@ -174,7 +206,8 @@ def build_overlay(cfg: OverlayConfig, *, rebuild: bool = False) -> Path:
     return build_component(name, overlay_modules(cfg), harness=[HARNESS_SV],
                            top=HARNESS_TOP, parameters=overlay_harness_parameters(cfg),
                            digest=cfg.digest(), rebuild=rebuild,
-                           extra_args=overlay_build_args())
+                           extra_args=overlay_build_args(),
+                           hier_blocks=overlay_hier_blocks(cfg))
 
 
 def _record_hex(r: CfgRecord, cfg_bits: int) -> str:

@@ -427,7 +427,8 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
                     harness: Sequence[str | os.PathLike[str]], top: str,
                     parameters: Mapping[str, int] | None = None, digest: str = "",
                     sources: Sequence[str | os.PathLike[str]] | None = None,
-                    rebuild: bool = False, extra_args: Sequence[str] = ()) -> Path:
+                    rebuild: bool = False, extra_args: Sequence[str] = (),
+                    hier_blocks: Sequence[str] = ()) -> Path:
     """Generate Amaranth components and Verilate them with a hand-written harness; cached.
 
     Each factory is called once and converted with :func:`amaranth.back.verilog.convert` into
@@ -458,6 +459,10 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
         Discard a cached build and build again.
     extra_args : sequence of str
         Verilator flags beyond :data:`BUILD_ARGS` (part of the key).
+    hier_blocks : sequence of str
+        Modules of ``modules`` to Verilate as hierarchical blocks (:func:`mark_hier_block`,
+        ``--hierarchical``): each is compiled once and its instances share that code, where
+        Verilator otherwise emits a copy of a module's code per instance (part of the key).
 
     Returns
     -------
@@ -486,6 +491,12 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             raise ValueError(f"module name must be a Verilog identifier, not {mod!r}")
         if not callable(factory):
             raise TypeError(f"the factory of module '{mod}' must be callable, not {factory!r}")
+    hier = list(hier_blocks)
+    for mod in hier:
+        if mod not in modules:
+            raise ValueError(f"hierarchical block {mod!r} is not one of the modules "
+                             f"{sorted(modules)}")
+    vargs = [*extra_args, "--hierarchical"] if hier else list(extra_args)
     if not isinstance(top, str) or not _MODULE_RE.match(top):
         raise ValueError(f"top must be a Verilog identifier, not {top!r}")
     params = dict(parameters or {})
@@ -501,7 +512,8 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
     srcs = None if sources is None else [Path(p) for p in sources]
     _check_sources_unchanged(srcs)
     key = component_build_key(name, modules, harness=hfiles, top=top, parameters=params,
-                              digest=digest, sources=srcs, extra_args=extra_args)
+                              digest=digest, sources=srcs,
+                              extra_args=[*vargs, *(f"hier_block={m}" for m in hier)])
     root = build_root()
     stamp = root / f"{name}-{key}" / "build.json"
     if stamp.is_file() and not rebuild:
@@ -519,6 +531,8 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             except Exception as e:
                 raise RtlBuildError(f"generating module '{mod}' of build '{name}' failed: "
                                     f"{type(e).__name__}: {e}") from e
+            if mod in hier:
+                text = mark_hier_block(text, mod)
             (bdir / f"{mod}.v").write_text(text)
             mods.append({"name": mod, "file": f"{mod}.v", "bytes": len(text.encode()),
                          "generate_s": round(time.perf_counter() - t0, 3)})
@@ -526,7 +540,7 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             shutil.copyfile(p, bdir / p.name)
         build_s = _verilate(bdir, [bdir / m["file"] for m in mods]
                             + [bdir / p.name for p in hfiles], top, params, env,
-                            f"'{name}'", extra_args)
+                            f"'{name}'", vargs)
         return {
             "config": name,
             "digest": digest,
@@ -535,7 +549,8 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
             "modules": mods,
             "generate_s": round(sum(m["generate_s"] for m in mods), 3),
             "verilator_build_s": round(build_s, 3),
-            "build_args": list(BUILD_ARGS) + list(extra_args),
+            "build_args": list(BUILD_ARGS) + vargs,
+            "hier_blocks": hier,
             "makeflags": MAKEFLAGS,
             "parameters": params,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -544,6 +559,22 @@ def build_component(name: str, modules: Mapping[str, ComponentFactory], *,
     bdir = _locked_build(root, f"{name}-{key}", rebuild, body)
     _prune(root, name, keep=KEEP_BUILDS)
     return bdir
+
+
+def mark_hier_block(text: str, module: str) -> str:
+    """``text`` (a Verilog file) with a ``/*verilator hier_block*/`` metacomment after the
+    header of ``module``'s declaration, so that ``--hierarchical`` Verilates it on its own.
+
+    Raises
+    ------
+    RtlBuildError
+        If ``text`` declares no module ``module``.
+    """
+    m = re.search(rf"^module {re.escape(module)}\s*\(.*?\);", text, re.S | re.M)
+    if m is None:
+        raise RtlBuildError(f"cannot mark '{module}' as a hierarchical block: its Verilog "
+                            f"has no 'module {module}(...);' header")
+    return f"{text[:m.end()]}\n  /*verilator hier_block*/\n{text[m.end():]}"
 
 
 def run_cocotb(build_dir: str | os.PathLike[str], *, top: str, test_module: str,

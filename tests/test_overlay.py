@@ -458,6 +458,65 @@ def test_overlay_rtl_bit_exact():
                 f"case {k}: RTL {rtl} cycles, model {res.cycles}"
 
 
+def test_hier_blocks_rule(monkeypatch):
+    """Which overlay modules are Verilated as hierarchical blocks, and the override."""
+    from tilewright.sim.overlay_sim import HIER_MIN_TILES, overlay_hier_blocks
+    from tilewright.sim.verilator import RtlBuildError, mark_hier_block
+
+    monkeypatch.delenv("TILEWRIGHT_VERILATOR_HIER", raising=False)
+    assert overlay_hier_blocks(_cfg("aie2-2x2")) == ()
+    assert overlay_hier_blocks(_cfg("aie2-4x4")) == ("tw_tileunit",)
+    assert _cfg("aie2-3x3").array.rows * _cfg("aie2-3x3").array.cols >= HIER_MIN_TILES
+    monkeypatch.setenv("TILEWRIGHT_VERILATOR_HIER", "memtile,tileunit,memtile")
+    assert overlay_hier_blocks(_cfg("tiny-2x2")) == ("tw_memtile", "tw_tileunit")
+    monkeypatch.setenv("TILEWRIGHT_VERILATOR_HIER", "none")
+    assert overlay_hier_blocks(_cfg("aie2-4x4")) == ()
+    monkeypatch.setenv("TILEWRIGHT_VERILATOR_HIER", "tiles")
+    with pytest.raises(ValueError, match=r"TILEWRIGHT_VERILATOR_HIER.*'tiles'"):
+        overlay_hier_blocks(_cfg("aie2-4x4"))
+    text = "module \\a.b (x);\nendmodule\nmodule a(x,\n  y);\n  input x;\nendmodule\n"
+    marked = mark_hier_block(text, "a")
+    assert marked.count("/*verilator hier_block*/") == 1
+    assert marked.index("hier_block") > marked.index("module a(") > marked.index("\\a.b")
+    assert marked.index("hier_block") < marked.index("input x")
+    with pytest.raises(RtlBuildError, match="'b'"):
+        mark_hier_block(text, "b")
+
+
+@pytest.mark.verilator
+def test_overlay_rtl_hierarchical(monkeypatch):
+    """The tile unit and memtile Verilated as hierarchical blocks (what arrays of 9 tiles or
+    more use, forced here on tiny-2x2) run a conv and a pool exactly as the flat build does:
+    the same outputs, cycles and DDR words."""
+    from tilewright.sim.overlay_sim import OverlayJob, build_overlay, run_overlay_jobs
+
+    cfg = _cfg("tiny-2x2")
+    b = cfg.tile.block
+    layer, x = _layer(LAYERS[1], 0.5, b, 31)
+    al = compile_conv_array(layer, x, cfg)
+    _, pool, xp, xb = _eltwise_cases(32)[0]
+    ap = compile_eltwise_array(pool, xp, cfg, x_b=xb)
+    jobs = [OverlayJob(a.ddr, j.records(cfg), (a.out_region[0], sum(a.out_region)))
+            for a in (al, ap) for j in a.jobs]
+    runs = {}
+    for hier in ("none", "tileunit,memtile"):
+        monkeypatch.setenv("TILEWRIGHT_VERILATOR_HIER", hier)
+        bdir = build_overlay(cfg)
+        marked = "/*verilator hier_block*/" in (bdir / "tw_tileunit.v").read_text()
+        assert marked == (hier != "none")
+        runs[hier] = (json.loads((bdir / "build.json").read_text()).get("hier_blocks", []),
+                      run_overlay_jobs(cfg, jobs))
+    assert runs["none"][0] == [] and runs["tileunit,memtile"][0] == ["tw_tileunit",
+                                                                     "tw_memtile"]
+    flat, hier = runs["none"][1], runs["tileunit,memtile"][1]
+    for r0, r1 in zip(flat, hier, strict=True):
+        assert (r0.cycles, r0.rd_words, r0.wr_words) == (r1.cycles, r1.rd_words, r1.wr_words)
+        assert np.array_equal(r0.ddr_out, r1.ddr_out)
+    got = al.read_output(al.merge_outputs([r.ddr_out for r in hier[:len(al.jobs)]]))
+    want = reference_output(layer, x)
+    assert np.array_equal(got.reshape(want.shape), want)
+
+
 # layers that take several runs as _build_job builds them, fewer streamed (cfg, case, fused)
 STREAMED = [("tiny-2x2", ("1x1", 64, 32, (1, 1), 1, (0, 0), 24, True), False),
             ("tiny-2x2", ("3x3", 32, 8, (3, 3), 1, (1, 1), 32, True), False),
