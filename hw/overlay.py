@@ -22,11 +22,17 @@ Stream network (packet switched, :mod:`tilewright.hw.packet`; header bits in
   several tiles read once, and the two buses fill a tile's weight ping and pong buffers in
   parallel;
 * MM2S channel ``k`` of every tile of a column is merged into write channel ``k mod W`` of the
-  column's shim; tile output packets carry their DDR address in the header.
+  column's shim; tile output packets carry their DDR address in the header, or, with header
+  bit ``mw``, go to the column's memtile instead: a writer on its host port puts them at the
+  memtile word the header names;
+* each memtile's activation MM2S channel ``k`` (:func:`memtile_act_channels`) streams like
+  shim read channel ``k`` (column bus ``k mod 2``, row buses), from the memtile's memory, so
+  a layer's input can come from where the previous layer's outputs went.
 
 Control plane (``cfg_*``): one configuration write per cycle (``cfg_we`` held until
 ``cfg_ready``) of a program word, a buffer descriptor, a lock value, a data memory word or a
-task, addressed to unit ``cfg_unit`` (tiles ``r * C + c``, then shims ``R * C + c``).
+task, addressed to unit ``cfg_unit`` (tiles ``r * C + c``, then shims ``R * C + c``, then
+memtiles ``R * C + C + c``: BDs, tasks, locks and memory words).
 ``start`` starts every tile; ``done`` rises once every tile has halted and every channel,
 writer and network stream is idle; ``cycles`` counts the cycles in between. ``st_sel`` /
 ``st_data`` read a unit's status (busy, error, lock waits) and ``progress`` is high in a cycle
@@ -37,7 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal, Value
+from amaranth.hdl import (
+    Cat,
+    ClockSignal,
+    Const,
+    Instance,
+    Module,
+    Mux,
+    ResetSignal,
+    Signal,
+    Value,
+)
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -45,7 +61,7 @@ from .bd import BD_BITS, BD_INDEX_BITS
 from .config import MemtileConfig, OverlayConfig
 from .memtile import CH_BITS as MT_CH_BITS
 from .memtile import memtile_signature
-from .packet import PacketMerge, PacketSplit, StreamBroadcast
+from .packet import DdrWriter, PacketMerge, PacketSplit, StreamBroadcast
 from .shim import DDR_ADDR_BITS, SHIM_CH_BITS, shim_signature
 from .tileunit import CH_BITS, N_LOCK_PORTS, N_MM2S, N_S2MM, tileunit_signature
 
@@ -61,6 +77,7 @@ __all__ = [
     "Overlay",
     "RouteFields",
     "array_memtile",
+    "memtile_act_channels",
     "route_fields",
     "unit_of",
 ]
@@ -94,15 +111,20 @@ class RouteFields:
         On a row bus, tile column ``c`` is bit ``cols + c``.
     bits : int
         Header bits used (length included).
+    mw : int
+        A tile output packet (header ``{len, word address}``): write it into the column's
+        memtile instead of DDR. The top bit of the shim writers' address field, so DDR
+        writes address ``2**(mw - 16)`` words at most.
     """
 
-    def __init__(self, rows: int, cols: int) -> None:
+    def __init__(self, rows: int, cols: int, word_bits: int = 64) -> None:
         self.col = 16
         self.row = 17
         self.mt = 17 + rows
         self.tile = 18 + rows
         self.cols = 18 + 2 * rows
         self.bits = 18 + 2 * rows + cols
+        self.mw = 16 + min(DDR_ADDR_BITS, word_bits - 16) - 1
 
     def all_cols(self, n: int) -> int:
         """The header bits that send a row-bus packet to all ``n`` columns."""
@@ -113,14 +135,27 @@ def array_memtile(cfg: OverlayConfig) -> MemtileConfig:
     """The memtile the generated array holds per column: the configured memory, BDs and
     locks, with the channels the stream network wires (at most the configured ones):
     an S2MM channel per shim read channel (what that channel reads with the header's ``mt``
-    bit set) and an MM2S channel per column bus (memtile MM2S ``j`` streams into column bus
-    ``j``), and as many banks as those channels need to be served every cycle (at most the
-    configured ones: banks cost simulation speed, 17 381 against 21 258 cycles/s on aie2-4x4
-    with 16 banks instead of 4)."""
+    bit set), an MM2S channel per column bus (memtile MM2S ``j`` streams into column bus
+    ``j``), then up to one *activation* MM2S channel per shim read channel
+    (:func:`memtile_act_channels`: into the row buses, as a shim read channel), and as many
+    banks as those channels and the host port (configuration writes, and the writer of the
+    tile outputs sent to the memtile) need to be served every cycle (at most the configured
+    ones: banks cost simulation speed, 17 381 against 21 258 cycles/s on aie2-4x4 with 16
+    banks instead of 4)."""
     mt = cfg.memtile
-    s2mm, mm2s = min(mt.s2mm, cfg.ddr.read_channels), min(mt.mm2s, 2)
-    banks = min(mt.banks, 1 << (s2mm + mm2s - 1).bit_length())
+    s2mm = min(mt.s2mm, cfg.ddr.read_channels)
+    wmm = min(mt.mm2s, 2)
+    mm2s = wmm + min(mt.mm2s - wmm, cfg.ddr.read_channels)
+    banks = min(mt.banks, 1 << (s2mm + mm2s).bit_length())
     return dataclasses.replace(mt, s2mm=s2mm, mm2s=mm2s, banks=banks)
+
+
+def memtile_act_channels(cfg: OverlayConfig) -> int:
+    """The memtile's activation MM2S channels in the array: channel ``s2mm + 2 + k``
+    (:func:`array_memtile`) streams like shim read channel ``k`` (header bit ``col`` to
+    column bus ``k mod 2``, bits ``row + r`` and the column mask to the row buses; the ``mt``
+    bit is ignored), from the memtile's memory instead of DDR."""
+    return array_memtile(cfg).mm2s - min(cfg.memtile.mm2s, 2)
 
 
 def unit_of(cfg: OverlayConfig, kind: str, index: int) -> int:
@@ -137,7 +172,7 @@ def unit_of(cfg: OverlayConfig, kind: str, index: int) -> int:
 
 def route_fields(cfg: OverlayConfig) -> RouteFields:
     """The packet header fields of an overlay (one definition: RTL, compiler and model)."""
-    return RouteFields(cfg.array.rows, cfg.array.cols)
+    return RouteFields(cfg.array.rows, cfg.array.cols, cfg.tile.word_bits)
 
 
 def _instance(m: Module, module: str, name: str, sig: wiring.Signature):
@@ -229,6 +264,11 @@ class Overlay(wiring.Component):
         msig = memtile_signature(mcfg, cfg.tile.block)
         mts = [_instance(m, MEMTILE_MODULE, f"memtile_{c}", msig) for c in range(C)]
         NMS, NMM = mcfg.s2mm, mcfg.mm2s
+        NWM = NMM - memtile_act_channels(cfg)      # weight (column bus) MM2S channels
+        mt_aw = len(mts[0].dm_addr)
+        if rf.mw < 16 + mt_aw:
+            raise ValueError(f"{cfg.name}: a {wb}-bit output header cannot hold a memtile "
+                             f"address of {mt_aw} bits below its memtile bit {rf.mw}")
         flat = [tiles[r][c] for r in range(R) for c in range(C)]
 
         # ---- DDR ports ---------------------------------------------------------------------
@@ -266,8 +306,19 @@ class Overlay(wiring.Component):
                     net_valid.append(sp.o[1 + R].valid)
                 net_valid.append(shims[c].rd_o[k].valid)
             for j in range(NMM):
-                col_inputs[c].append((j, mts[c].mm2s[j]))
                 net_valid.append(mts[c].mm2s[j].valid)
+                if j < NWM:
+                    col_inputs[c].append((j, mts[c].mm2s[j]))
+                    continue
+                # activation channel k: as shim read channel k, into column bus k mod 2
+                # and the row buses its header names (no memtile capture)
+                sp = PacketSplit(wb, 1 + R, rf.col, strip=False)
+                m.submodules[f"mtsplit_{c}_{j}"] = sp
+                wiring.connect(m, mts[c].mm2s[j], sp.i)
+                col_inputs[c].append(((j - NWM) % 2, sp.o[0]))
+                for r in range(R):
+                    row_inputs[r].append(sp.o[1 + r])
+                net_valid += [sp.o[k].valid for k in range(1 + R)]
         for r in range(R):
             mg = PacketMerge(wb, len(row_inputs[r]))
             m.submodules[f"rowmerge_{r}"] = mg
@@ -284,6 +335,7 @@ class Overlay(wiring.Component):
                 wiring.connect(m, bc.o[c], st.i)
                 wiring.connect(m, st.o[0], tiles[r][c].s2mm[0])
                 net_valid.append(bc.o[c].valid)
+        mt_writers: list[DdrWriter] = []
         for c in range(C):
             # two column buses (weight ping/pong): read channel k feeds bus k % 2 and memtile
             # MM2S channel j bus j, which feeds S2MM 1 + bus of the tiles its header's tile
@@ -307,6 +359,8 @@ class Overlay(wiring.Component):
                 for r in range(R):
                     wiring.connect(m, sp.o[r], tiles[r][c].s2mm[1 + bus])
                     net_valid.append(sp.o[r].valid)
+            # tile outputs: write channel k, or (header bit mw) the memtile's writer
+            to_mt = []
             for k in range(NW):
                 srcs = [tiles[r][c].mm2s[j] for r in range(R) for j in range(N_MM2S)
                         if j % NW == k]
@@ -318,8 +372,26 @@ class Overlay(wiring.Component):
                 for j, src in enumerate(srcs):
                     wiring.connect(m, src, wm.i[j])
                     net_valid.append(src.valid)
-                wiring.connect(m, wm.o, shims[c].wr_i[k])
-                net_valid.append(wm.o.valid)
+                sel = PacketSplit(wb, 2, rf.mw, strip=False, one_of=True)
+                m.submodules[f"wrsel_{c}_{k}"] = sel
+                wiring.connect(m, wm.o, sel.i)
+                wiring.connect(m, sel.o[0], shims[c].wr_i[k])
+                to_mt.append(sel.o[1])
+                net_valid += [wm.o.valid, sel.o[0].valid, sel.o[1].valid]
+            mtw = DdrWriter(wb, mt_aw)
+            m.submodules[f"mtwriter_{c}"] = mtw
+            mt_writers.append(mtw)
+            if not to_mt:
+                m.d.comb += mtw.i.valid.eq(0)
+            elif len(to_mt) == 1:
+                wiring.connect(m, to_mt[0], mtw.i)
+            else:
+                mm = PacketMerge(wb, len(to_mt))
+                m.submodules[f"mtwmerge_{c}"] = mm
+                for j, src in enumerate(to_mt):
+                    wiring.connect(m, src, mm.i[j])
+                wiring.connect(m, mm.o, mtw.i)
+                net_valid.append(mm.o.valid)
 
         # ---- configuration -----------------------------------------------------------------
         kind = self.cfg_kind
@@ -367,19 +439,28 @@ class Overlay(wiring.Component):
             with m.If((self.cfg_unit == u) & (kind == CFG_KINDS["task"])):
                 m.d.comb += ready.eq(unit.task.ready)
         for c, mt in enumerate(mts):
+            # the host port: configuration writes (memory constants: the headers of the
+            # activation channels' packets) before a run, the output writer during it
+            w = mt_writers[c].mem
+            cfg_dm = self.cfg_we & (self.cfg_unit == R * C + C + c) & (kind == CFG_KINDS["dm"])
             m.d.comb += [
                 mt.lock_wr_en.eq(self.cfg_we & (self.cfg_unit == R * C + C + c)
                                  & (kind == CFG_KINDS["lock"])),
                 mt.lock_wr_id.eq(self.cfg_addr),
                 mt.lock_wr_value.eq(self.cfg_data),
-                mt.dm_we.eq(0), mt.dm_re.eq(0),
+                mt.dm_we.eq(cfg_dm | w.we), mt.dm_re.eq(0),
+                mt.dm_addr.eq(Mux(cfg_dm, self.cfg_addr, w.addr)),
+                mt.dm_wdata.eq(Mux(cfg_dm, self.cfg_data[:wb], w.wdata)),
+                w.ready.eq(mt.dm_ready & ~cfg_dm),
             ]
+            with m.If((self.cfg_unit == R * C + C + c) & (kind == CFG_KINDS["dm"])):
+                m.d.comb += ready.eq(mt.dm_ready)
         m.d.comb += self.cfg_ready.eq(ready)
 
         # ---- run control -------------------------------------------------------------------
         all_done = Cat(*[t.done for t in flat]).all()
         dma_idle = ~Cat(*[t.dma_busy for t in flat], *[s.busy for s in shims],
-                        *[mt.dma_busy for mt in mts]).any()
+                        *[mt.dma_busy for mt in mts], *[w.busy for w in mt_writers]).any()
         net_idle = ~Cat(*net_valid).any()
         any_error = Cat(*[t.error for t in flat], *[t.dma_error for t in flat],
                         *[s.error for s in shims], *[mt.dma_error for mt in mts]).any()
@@ -420,6 +501,7 @@ class Overlay(wiring.Component):
         moving += [self.ddr_rd_re & self.ddr_rd_ready, self.ddr_wr_we & self.ddr_wr_ready]
         moving += [mt.s2mm[k].valid & mt.s2mm[k].ready for mt in mts for k in range(NMS)]
         moving += [mt.mm2s[j].valid & mt.mm2s[j].ready for mt in mts for j in range(NMM)]
+        moving += [w.mem.we & w.mem.ready for w in mt_writers]
         m.d.comb += self.progress.eq(Cat(*moving).any())
         return m
 

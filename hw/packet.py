@@ -181,6 +181,9 @@ class PacketSplit(wiring.Component):
         Header bit of output 0's select flag, 16 to ``word_bits - n_out``.
     strip : bool
         Drop the header: outputs receive the payload words only.
+    one_of : bool
+        Two outputs selected by one header bit instead of a mask (``n_out`` must be 2): a
+        packet goes to output 1 if header bit ``sel_lo`` is set, else to output 0.
 
     Members
     -------
@@ -196,10 +199,16 @@ class PacketSplit(wiring.Component):
     """
 
     def __init__(self, word_bits: int, n_out: int, sel_lo: int = LEN_BITS,
-                 strip: bool = False) -> None:
+                 strip: bool = False, *, one_of: bool = False) -> None:
         self.word_bits = _check_word_bits(word_bits)
         self.n_out = check_int("n_out", n_out, 1, word_bits - LEN_BITS)
-        self.sel_lo = check_int("sel_lo", sel_lo, LEN_BITS, word_bits - n_out)
+        if not isinstance(one_of, bool):
+            raise TypeError(f"one_of must be a bool, not {one_of!r}")
+        if one_of and n_out != 2:
+            raise ValueError(f"a one_of PacketSplit has 2 outputs, not {n_out}")
+        self.one_of = one_of
+        self.sel_lo = check_int("sel_lo", sel_lo, LEN_BITS,
+                                word_bits - (1 if one_of else n_out))
         if not isinstance(strip, bool):
             raise TypeError(f"strip must be a bool, not {strip!r}")
         self.strip = strip
@@ -212,7 +221,11 @@ class PacketSplit(wiring.Component):
         m = Module()
         pkt = _PacketCounter(m)
         mask = Signal(self.n_out, reset_less=True)
-        hdr_mask = self.i.payload[self.sel_lo:self.sel_lo + self.n_out]
+        if self.one_of:
+            bit = self.i.payload[self.sel_lo]
+            hdr_mask = Cat(~bit, bit)
+        else:
+            hdr_mask = self.i.payload[self.sel_lo:self.sel_lo + self.n_out]
         sel = Mux(pkt.in_packet, mask, 0 if self.strip else hdr_mask)
         take = _fanout(m, self.i, list(self.o), sel)
         with m.If(take):

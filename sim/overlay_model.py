@@ -42,7 +42,7 @@ import numpy as np
 from tilewright.hw.bd import BufferDescriptor
 from tilewright.hw.config import OverlayConfig
 from tilewright.hw.isa import ErrorCode
-from tilewright.hw.overlay import array_memtile, route_fields
+from tilewright.hw.overlay import array_memtile, memtile_act_channels, route_fields
 from tilewright.hw.tileunit import LOCK_BITS, N_S2MM
 
 from .dm_model import bd_addresses
@@ -122,7 +122,8 @@ class _Channel:
 
     ``col`` is its column, ``bus`` the column bus it feeds, ``step`` the cycles a word read
     takes, ``lat`` the cycles to its first word, ``depth`` the words it buffers ahead of its
-    stream, ``rows`` whether its packets may go to the row buses (shim channels)."""
+    stream, ``rows`` whether its packets may go to the row buses (shim channels and memtile
+    activation channels; memtile weight channels feed their column bus only)."""
 
     def __init__(self, words: list[np.ndarray], reads: list[int], *, col: int = 0,
                  bus: int = 0, step: int = 1, lat: int = 0, depth: int = 4,
@@ -429,9 +430,18 @@ class OverlayModel:
                 rd_words += sum(reads)
                 chans[(c, ch)] = _Channel(words, reads, col=c, bus=ch % 2, step=step, lat=lat,
                                           depth=cfg.ddr.read_fifo_words)
-        # memtile MM2S channels: packets from the memtile's memory as the job found it, into
-        # column bus j (never the row buses)
+        # the memtile words the configuration writes (activation packets' headers)
+        for c, words in getattr(job, "memtile_dm", {}).items():
+            for a, w in words.items():
+                if not 0 <= a < memtiles[c].size:
+                    raise ValueError(f"memtile {c}: the configuration writes word {a}, beyond "
+                                     f"its {memtiles[c].size} words")
+                memtiles[c][a] = w
+        # memtile MM2S channels: packets from the memtile's memory as the job found it; weight
+        # channel j into column bus j (never the row buses), activation channel k as shim read
+        # channel k (column bus k mod 2 and the row buses)
         mt_rd = 0
+        n_wmm = mcfg.mm2s - memtile_act_channels(cfg)
         for c, per in job.memtile_bds.items():
             for ch, bds in per.items():
                 if ch < mcfg.s2mm or not bds:
@@ -442,8 +452,10 @@ class OverlayModel:
                                      f"a job uses channel {ch}")
                 words, reads = _task_words(memtiles[c], bds, f"memtile {c}'s memory")
                 mt_rd += sum(reads)
-                chans[(c, "mt", j)] = _Channel(words, reads, col=c, bus=j, step=1,
-                                               lat=_MT_LATENCY, depth=_MT_DEPTH, rows=False)
+                act = j >= n_wmm
+                chans[(c, "mt", j)] = _Channel(words, reads, col=c,
+                                               bus=(j - n_wmm) % 2 if act else j, step=1,
+                                               lat=_MT_LATENCY, depth=_MT_DEPTH, rows=act)
         mt_wr, releases = self._capture(job, chans, memtiles, mcfg)
         gates = self._memtile_gates(job, chans, mcfg, releases)
         # routing: which tile S2MM channel gets which packet (in channel order)
@@ -506,6 +518,7 @@ class OverlayModel:
         writer_free: dict[tuple[int, int], float] = {}
         outs = sorted(((cycle, key, ch, words) for key, env in envs.items()
                        for ch, cycle, words in env.outputs), key=lambda o: (o[0], o[1]))
+        mt_mask = memtiles[0].size - 1 if memtiles else 0
         for cycle, (_r, c), ch, words in outs:
             k = (ch - N_S2MM) % cfg.ddr.write_channels
             t = max(float(cycle) + _PIPE_OUT, writer_free.get((c, k), 0.0))
@@ -513,9 +526,20 @@ class OverlayModel:
             while pos < len(words):
                 hdr = int(words[pos])
                 n, addr = hdr & 0xFFFF, hdr >> 16
-                ddr[addr:addr + n] = words[pos + 1:pos + 1 + n]
-                wr_words += n
-                t += 1 + n * step
+                if hdr >> rf.mw & 1:
+                    # into the column's memtile (its writer: a word a cycle, both channels')
+                    a = addr & mt_mask
+                    if a + n > memtiles[c].size:
+                        raise ValueError(f"column {c}: an output packet writes memtile words "
+                                         f"{a}..{a + n - 1}, beyond its {memtiles[c].size}")
+                    memtiles[c][a:a + n] = words[pos + 1:pos + 1 + n]
+                    mt_wr += n
+                    t = max(t, writer_free.get((c, "mt"), 0.0)) + 1 + n
+                    writer_free[(c, "mt")] = t
+                else:
+                    ddr[addr:addr + n] = words[pos + 1:pos + 1 + n]
+                    wr_words += n
+                    t += 1 + n * step
                 pos += 1 + n
             writer_free[(c, k)] = t
             end = max(end, t)

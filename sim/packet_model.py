@@ -61,16 +61,24 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, not {value!r}")
 
 
-def split(words: Sequence[int], n_out: int, sel_lo: int, strip: bool) -> list[list[int]]:
-    """The words each output of a ``PacketSplit(word_bits, n_out, sel_lo, strip)`` receives.
+def split(words: Sequence[int], n_out: int, sel_lo: int, strip: bool, *,
+          one_of: bool = False) -> list[list[int]]:
+    """The words each output of a ``PacketSplit(word_bits, n_out, sel_lo, strip, one_of=...)``
+    receives.
 
     Output ``j`` receives every packet whose header has bit ``sel_lo + j`` set, without its
-    header if ``strip``.
+    header if ``strip``; with ``one_of`` (two outputs), output 1 every packet whose header has
+    bit ``sel_lo`` set and output 0 every other one.
     """
     _check_count("n_out", n_out)
+    if one_of and n_out != 2:
+        raise ValueError(f"a one_of split has 2 outputs, not {n_out}")
     outs: list[list[int]] = [[] for _ in range(n_out)]
     for pkt in packets(words):
         body = pkt[1:] if strip else pkt
+        if one_of:
+            outs[(pkt[0] >> sel_lo) & 1].extend(body)
+            continue
         for j in range(n_out):
             if (pkt[0] >> (sel_lo + j)) & 1:
                 outs[j].extend(body)

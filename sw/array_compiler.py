@@ -166,6 +166,15 @@ def _encode(bd: BufferDescriptor) -> int:
     return bd.encode()
 
 
+def _check_out_words(cfg: OverlayConfig, name: str, out_base: int, out_words: int) -> None:
+    """Outputs go to DDR words below the output header's memtile bit (``RouteFields.mw``)."""
+    top = 1 << (route_fields(cfg).mw - 16)
+    if out_base + out_words > top:
+        raise ValueError(f"layer {name!r}: its output ends at DDR word {out_base + out_words}, "
+                         f"beyond the {top} words a {cfg.tile.word_bits}-bit output header "
+                         f"addresses on {cfg.name}")
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -297,6 +306,10 @@ class ArrayJob:
         Per ``(column, bus)`` of a ``"prefetched"`` column: the memtile word its stream
         starts at and the pieces the previous layer reads, ``(DDR word of the piece's
         header, DDR word of its stream words, words)``.
+    memtile_dm : dict[int, dict[int, int]]
+        Per column, memtile words the configuration writes before the run (word address ->
+        value): the headers of what the memtile's activation channels send
+        (:func:`tilewright.hw.overlay.memtile_act_channels`).
     """
 
     index: int
@@ -313,6 +326,7 @@ class ArrayJob:
     #: the output rows; ``col_rows[c]`` is every block row column ``c`` computes and
     #: ``row_ranges[c]`` (per column, not per tile row) its output rectangle.
     stream: bool = False
+    memtile_dm: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def records(self, cfg: OverlayConfig) -> list:
         """The configuration records of this job (see :class:`tilewright.sim.overlay_sim.
@@ -332,6 +346,9 @@ class ArrayJob:
                         for i, bd in enumerate(bds)]
                 if bds:
                     tasks.append(CfgRecord(CFG_KINDS["task"], u, ch, 0, 0))
+        for c, words in sorted(self.memtile_dm.items()):
+            out += [CfgRecord(CFG_KINDS["dm"], R * C + C + c, 0, a, int(w))
+                    for a, w in sorted(words.items())]
         # memtiles before shims: a capturing S2MM channel is ready before its packets come
         for base, units in ((R * C + C, self.memtile_bds), (R * C, self.shim_bds)):
             for c, chans in sorted(units.items()):
@@ -1210,6 +1227,7 @@ def compile_conv_array(layer: ConvLayer, x: np.ndarray, cfg: OverlayConfig, *,
     n_in = int(((used_h >= 0) & (used_h < h)).sum()) * int(((used_w >= 0) & (used_w < w)).sum())
     ddr_min = (w_min + cout * 8 + cin * n_in
                + (2 if fuse is not None else 1) * cout * ho * wo)
+    _check_out_words(cfg, lname, out_base, out_words)
     return ArrayLayer(lname, cfg, img.words(), (in_base, in_size), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, nnz, ddr_min, (kh, kw), s,
                       img.base, img.regions(), s2d, issued)
@@ -2523,6 +2541,7 @@ def compile_eltwise_array(layer: PoolLayer | AddLayer, x: np.ndarray, cfg: Overl
                                      out_base, qrec, pad_value, img.put))
     nbytes_io = n_ops * cin * h * w + cout * ho * wo
     macs = (2 if is_add else kh * kw) * cout * ho * wo
+    _check_out_words(cfg, lname, out_base, out_words)
     return ArrayLayer(lname, cfg, img.words(), (bases[0], op_words), (out_base, out_words),
                       (cin, h, w), (cout, ho, wo), jobs, macs, 0,
                       nbytes_io, (kh, kw), s, img.base, img.regions())

@@ -111,7 +111,8 @@ def test_memtile_rtl_random_descriptors():
     from tilewright.sim.memtile_sim import MemtileJob, run_memtile_jobs
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "overlay_configs" / "tiny-2x2.yaml")
-    mcfg, block = array_memtile(cfg), cfg.tile.block
+    # the array's memtile with its two weight MM2S channels (the harness has 2 + 2)
+    mcfg, block = dataclasses.replace(array_memtile(cfg), mm2s=2), cfg.tile.block
     words = mcfg.bytes // block
     # small regions, so that the random reads mostly hit words the random writes wrote
     regions = ((0, 160), (words - 160, words))

@@ -388,7 +388,8 @@ def test_generate_overlay(tmp_path):
     names = {m["name"]: m for m in man["modules"]}
     assert names["tw_tileunit"]["instances"] == 6 and names["tw_shim"]["instances"] == 3
     assert names["tw_memtile"]["instances"] == 3
-    assert man["memtile"]["s2mm"] == 2 and man["memtile"]["mm2s"] == 2
+    # S2MM per read channel; MM2S: 2 weight (column bus) + 2 activation channels
+    assert man["memtile"]["s2mm"] == 2 and man["memtile"]["mm2s"] == 4
     assert man["units"]["memtile"] == [9, 11]
     top = (tmp_path / "tw_overlay.v").read_text()
     # each distinct module generated once, instantiated by name
@@ -515,6 +516,115 @@ def test_overlay_rtl_hierarchical(monkeypatch):
     got = al.read_output(al.merge_outputs([r.ddr_out for r in hier[:len(al.jobs)]]))
     want = reference_output(layer, x)
     assert np.array_equal(got.reshape(want.shape), want)
+
+
+def _chain_addrs(bds) -> list[int]:
+    """The addresses a BD chain (from BD 0) reads, in stream order (padding left out)."""
+    from tilewright.sim.dm_model import bd_addresses
+
+    out: list[int] = []
+    i = 0
+    while i is not None:
+        a, ok = bd_addresses(bds[i])
+        out += [int(v) for v in a[ok]]
+        i = bds[i].next_bd
+    return out
+
+
+def _via_memtile(cfg, al_a, al_b):
+    """Two compiled eltwise layers, B reading A's output, rewired to keep that tensor on chip:
+    A's tile output packets get the header's memtile bit and the memtile address where B's
+    input lies (B's DDR layout, the same in every column's memtile: column c's outputs are
+    the channel groups column c of B reads); B's shim read chains move to the memtile
+    activation channels of their columns, the words they read besides that tensor (packet
+    headers) written by the configuration."""
+    from tilewright.hw.overlay import array_memtile, memtile_act_channels
+
+    rf = route_fields(cfg)
+    mcfg = array_memtile(cfg)
+    assert memtile_act_channels(cfg) == 2
+    (oa, n_out), (ib, n_in) = al_a.out_region, al_b.in_region
+    assert n_out == n_in
+    for job in al_a.jobs:
+        for tp in job.tiles:
+            for ch, bds in tp.bds.items():
+                if ch < 3 or not bds:
+                    continue
+                addrs, pos = _chain_addrs(bds), 0
+                while pos < len(addrs):
+                    hdr = tp.dm[addrs[pos]]
+                    n, d = hdr & 0xFFFF, hdr >> 16
+                    assert oa <= d and d + n <= oa + n_out
+                    tp.dm[addrs[pos]] = n | ((d - oa + ib) << 16) | (1 << rf.mw)
+                    pos += 1 + n
+    for job in al_b.jobs:
+        for c, per in job.shim_bds.items():
+            dm = job.memtile_dm.setdefault(c, {})
+            for ch, bds in per.items():
+                job.memtile_bds.setdefault(c, {})[mcfg.s2mm + 2 + ch] = bds
+                for a in _chain_addrs(bds):
+                    if not ib <= a < ib + n_in:
+                        dm[a] = int(al_b.ddr[a])
+        job.shim_bds = {}
+
+
+def _memtile_chain_case(seed: int):
+    """Max pool 3x3/2 then average pool 3x3 (padding both), compiled for tiny-2x2, rewired
+    through the memtiles (:func:`_via_memtile`): (cfg, A, B, the reference of B)."""
+    cfg = _cfg("tiny-2x2")
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (20, 13, 13), dtype=np.int8)
+    mp = PoolLayer("max", 3, 2, 1)
+    y = reference_output(mp, x)
+    m9, s9 = fixed_point(np.full(20, 1 / 9))
+    ap = PoolLayer("avg", 3, 1, 1, mult=m9, shift=s9)
+    al_a, al_b = compile_eltwise_array(mp, x, cfg), compile_eltwise_array(ap, y, cfg)
+    _via_memtile(cfg, al_a, al_b)
+    return cfg, al_a, al_b, reference_output(ap, y)
+
+
+def test_model_activations_through_memtile():
+    """A layer's outputs written into the memtiles and the next layer's input read from there
+    (the activation channels into the row buses), on the overlay model: bit-exact, no DDR
+    traffic for the tensor in between."""
+    cfg, al_a, al_b, want = _memtile_chain_case(41)
+    model = OverlayModel(cfg)
+    mts = model.new_memtiles()
+    ra = model.run_layer(al_a, mts)
+    rb = model.run_layer(al_b, mts)
+    assert ra.wr_words == 0 and rb.rd_words == 0
+    assert np.array_equal(rb.output, want)
+    # B alone reads zeros from the memtiles
+    bad = OverlayModel(cfg).run_layer(al_b, OverlayModel(cfg).new_memtiles())
+    assert not np.array_equal(bad.output, want)
+
+
+@pytest.mark.verilator
+def test_overlay_rtl_activations_through_memtile():
+    """The same two layers on the tiny-2x2 RTL, one simulator process: A's outputs go into the
+    memtiles (the output header's memtile bit: no DDR writes), B's input comes from there
+    (the memtile activation channels, their headers written by the configuration: no DDR
+    reads); B's output equals the PyTorch integer reference, cycles within 10 % of the
+    model's."""
+    from tilewright.sim.overlay_sim import OverlayJob, run_overlay_jobs
+
+    cfg, al_a, al_b, want = _memtile_chain_case(42)
+    jobs = [OverlayJob(al.ddr, j.records(cfg), (al.out_region[0], sum(al.out_region)))
+            for al in (al_a, al_b) for j in al.jobs]
+    run = run_overlay_jobs(cfg, jobs)
+    na = len(al_a.jobs)
+    assert sum(r.wr_words for r in run[:na]) == 0
+    assert sum(r.rd_words for r in run[na:]) == 0
+    got = al_b.read_output(al_b.merge_outputs([r.ddr_out for r in run[na:]]))
+    assert np.array_equal(got.reshape(want.shape), want)
+    model = OverlayModel(cfg)
+    mts = model.new_memtiles()
+    res = [model.run_layer(al_a, mts), model.run_layer(al_b, mts)]
+    for k, mine in enumerate((run[:na], run[na:])):
+        rtl = sum(r.cycles for r in mine)
+        assert abs(rtl - res[k].cycles) <= 0.1 * rtl, \
+            f"layer {'AB'[k]}: RTL {rtl} cycles, model {res[k].cycles}"
+        assert sum(r.rd_words for r in mine) == res[k].rd_words
 
 
 # layers that take several runs as _build_job builds them, fewer streamed (cfg, case, fused)

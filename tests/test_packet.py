@@ -425,20 +425,21 @@ SPLIT_CASES = [
 
 def _run_split(word_bits: int, n_out: int, sel_lo: int, strip: bool, seed: int, *,
                n_packets: int, p_valid: float | None, p_ready: list[float] | None,
-               empty: float = 0.15) -> tuple[list[int], _Run, str]:
+               empty: float = 0.15, one_of: bool = False) -> tuple[list[int], _Run, str]:
     rng = np.random.default_rng(seed)
-    what = f"PacketSplit({word_bits}, {n_out}, {sel_lo}, strip={strip}), seed {seed}"
-    words = _packets(rng, n_packets, word_bits, _split_route(word_bits, n_out, sel_lo,
-                                                              empty=empty))
+    what = (f"PacketSplit({word_bits}, {n_out}, {sel_lo}, strip={strip}, one_of={one_of}), "
+            f"seed {seed}")
+    words = _packets(rng, n_packets, word_bits, _split_route(word_bits, 1 if one_of else n_out,
+                                                              sel_lo, empty=empty))
     if p_valid is None:
         p_valid = float(rng.uniform(0.4, 1.0))
     if p_ready is None:   # independent per output, some outputs always ready
         p_ready = [1.0 if rng.random() < 0.2 else float(rng.uniform(0.2, 0.95))
                    for _ in range(n_out)]
-    dut = PacketSplit(word_bits, n_out, sel_lo, strip)
+    dut = PacketSplit(word_bits, n_out, sel_lo, strip, one_of=one_of)
     src = _Source(dut.i, words, p_valid, rng, word_bits)
     sinks = [_Sink(dut.o[j], p_ready[j], rng) for j in range(n_out)]
-    want = pm.split(words, n_out, sel_lo, strip)
+    want = pm.split(words, n_out, sel_lo, strip, one_of=one_of)
     run = _simulate(dut, [src], sinks, what,
                     finished=_received(sinks, sum(len(w) for w in want)))
     for j in range(n_out):
@@ -456,6 +457,28 @@ def test_split_random(word_bits, n_out, sel_lo, strip, seed):
     masks = [(h >> sel_lo) & ((1 << n_out) - 1) for h in hdrs]
     assert 0 in masks and any(len(p) == 2 for p in pm.packets(words)), \
         f"{what}: the case must hold empty masks and 1-word packets"
+
+
+@pytest.mark.parametrize("seed", [14, 15])
+@pytest.mark.parametrize("word_bits, sel_lo, strip", [(32, 31, False), (64, 43, True)])
+def test_split_one_of_random(word_bits, sel_lo, strip, seed):
+    """A one_of split (the overlay's DDR-or-memtile choice of an output packet) against the
+    model under random back-pressure; both outputs must get packets."""
+    words, _, what = _run_split(word_bits, 2, sel_lo, strip, seed, n_packets=50,
+                                p_valid=None, p_ready=None, one_of=True)
+    bits = {(p[0] >> sel_lo) & 1 for p in pm.packets(words)}
+    assert bits == {0, 1}, f"{what}: the case must send packets both ways"
+
+
+def test_split_one_of_checks():
+    assert pm.split([header(1, 1 << 3, word_bits=32), 7, header(0, 0, word_bits=32)], 2, 19,
+                    False, one_of=True) == [[header(0, 0, word_bits=32)],
+                                            [header(1, 1 << 3, word_bits=32), 7]]
+    with pytest.raises(ValueError, match="2 outputs, not 3"):
+        PacketSplit(32, 3, 20, one_of=True)
+    with pytest.raises(ValueError, match="sel_lo"):
+        PacketSplit(32, 2, 32, one_of=True)
+    PacketSplit(32, 2, 31, one_of=True)    # the top bit selects
 
 
 @pytest.mark.parametrize("strip", [False, True])
