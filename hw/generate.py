@@ -218,6 +218,7 @@ def overlay_modules(cfg: OverlayConfig) -> dict[str, Callable[[], wiring.Compone
         TOP_MODULE,
         Overlay,
         array_memtile,
+        memtile_act_channels,
     )
     from .shim import Shim
     from .tileunit import TileUnit
@@ -225,7 +226,8 @@ def overlay_modules(cfg: OverlayConfig) -> dict[str, Callable[[], wiring.Compone
     return {
         TILEUNIT_MODULE: lambda: TileUnit(cfg.tile),
         SHIM_MODULE: lambda: Shim(cfg),
-        MEMTILE_MODULE: lambda: Memtile(array_memtile(cfg), cfg.tile.block),
+        MEMTILE_MODULE: lambda: Memtile(array_memtile(cfg), cfg.tile.block,
+                                        unlocked=memtile_act_channels(cfg)),
         TOP_MODULE: lambda: Overlay(cfg),
     }
 

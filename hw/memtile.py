@@ -21,7 +21,7 @@ from .arbiter import RoundRobin
 from .bd import BD_INDEX_BITS, BD_LAYOUT
 from .config import MemtileConfig
 from .datamover import Datamover
-from .locks import LOCK_ID_BITS, LockUnit
+from .locks import LOCK_ID_BITS, LockUnit, check_int
 
 __all__ = ["Memtile", "memtile_signature"]
 
@@ -65,6 +65,12 @@ class Memtile(wiring.Component):
         Size, banks, channels, BDs and locks.
     block : int
         Bytes per word (the tile's block size: one word is one pixel's channel group).
+    unlocked : int
+        The last ``unlocked`` MM2S channels have no lock port (the overlay's activation
+        channels: what they send is ordered by the job boundary, not by locks). A BD of
+        theirs that names a lock is an error (``dma_error``; the channel waits). Each lock
+        port costs simulation speed: the lock unit's per-port lock lookups were half as
+        expensive as the 16 tile cores on aie2-4x4 with 6 ports.
 
     Members
     -------
@@ -83,11 +89,12 @@ class Memtile(wiring.Component):
         Host word access (``dm_rdata`` valid the cycle after a read with ``dm_ready``).
     """
 
-    def __init__(self, memtile: MemtileConfig, block: int) -> None:
+    def __init__(self, memtile: MemtileConfig, block: int, unlocked: int = 0) -> None:
         if not isinstance(memtile, MemtileConfig):
             raise TypeError(f"memtile must be a MemtileConfig, not {memtile!r}")
         if block not in (4, 8, 16):
             raise ValueError(f"block must be 4, 8 or 16, not {block!r}")
+        self.unlocked = check_int("unlocked", unlocked, 0, memtile.mm2s)
         self.cfg = memtile
         self.block = block
         self.words = memtile.bytes // block
@@ -107,9 +114,16 @@ class Memtile(wiring.Component):
                           word_bits=wb, n_bds=c.bds_per_channel, dims=4)
             m.submodules[f"dma{i}"] = d
             chans.append(d)
-        m.submodules.locks = locks = LockUnit(c.locks, nch)
+        nlk = nch - self.unlocked
+        m.submodules.locks = locks = LockUnit(c.locks, nlk)
+        misuse = Signal()
         for i, d in enumerate(chans):
-            wiring.connect(m, d.lock, locks.ports[i])
+            if i < nlk:
+                wiring.connect(m, d.lock, locks.ports[i])
+            else:
+                m.d.comb += d.lock.gnt.eq(0)
+                with m.If(d.lock.req):
+                    m.d.sync += misuse.eq(1)
         m.d.comb += [locks.wr_en.eq(self.lock_wr_en), locks.wr_id.eq(self.lock_wr_id),
                      locks.wr_value.eq(self.lock_wr_value)]
         for i in range(c.s2mm):
@@ -126,7 +140,7 @@ class Memtile(wiring.Component):
             self.task.ready.eq(Cat(*[d.task.ready for d in chans]).bit_select(task_ch, 1)),
             self.dma_busy.eq(Cat(*[d.busy for d in chans])),
             self.dma_error.eq(Cat(*[d.error for d in chans]).any() | locks.overflow
-                              | locks.bad_id),
+                              | locks.bad_id | misuse),
         ]
 
         # requesters: the channels, then the host

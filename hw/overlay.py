@@ -25,9 +25,9 @@ Stream network (packet switched, :mod:`tilewright.hw.packet`; header bits in
   column's shim; tile output packets carry their DDR address in the header, or, with header
   bit ``mw``, go to the column's memtile instead: a writer on its host port puts them at the
   memtile word the header names;
-* each memtile's activation MM2S channel ``k`` (:func:`memtile_act_channels`) streams like
-  shim read channel ``k`` (column bus ``k mod 2``, row buses), from the memtile's memory, so
-  a layer's input can come from where the previous layer's outputs went.
+* each memtile's activation MM2S channel ``k`` (:func:`memtile_act_channels`) is merged into
+  shim read channel ``k``'s stream before its split (column bus ``k mod 2``, row buses), so
+  a layer's input can come from the memtile, where the previous layer's outputs went.
 
 Control plane (``cfg_*``): one configuration write per cycle (``cfg_we`` held until
 ``cfg_ready``) of a program word, a buffer descriptor, a lock value, a data memory word or a
@@ -138,23 +138,25 @@ def array_memtile(cfg: OverlayConfig) -> MemtileConfig:
     bit set), an MM2S channel per column bus (memtile MM2S ``j`` streams into column bus
     ``j``), then up to one *activation* MM2S channel per shim read channel
     (:func:`memtile_act_channels`: into the row buses, as a shim read channel), and as many
-    banks as those channels and the host port (configuration writes, and the writer of the
-    tile outputs sent to the memtile) need to be served every cycle (at most the configured
-    ones: banks cost simulation speed, 17 381 against 21 258 cycles/s on aie2-4x4 with 16
-    banks instead of 4)."""
+    banks as the S2MM and column-bus channels need to be served every cycle (at most the
+    configured ones: banks cost simulation speed, 17 381 against 21 258 cycles/s on aie2-4x4
+    with 16 banks instead of 4); the activation channels and the host port (configuration
+    writes, and the writer of the tile outputs sent to the memtile) share them."""
     mt = cfg.memtile
     s2mm = min(mt.s2mm, cfg.ddr.read_channels)
     wmm = min(mt.mm2s, 2)
     mm2s = wmm + min(mt.mm2s - wmm, cfg.ddr.read_channels)
-    banks = min(mt.banks, 1 << (s2mm + mm2s).bit_length())
+    banks = min(mt.banks, 1 << (s2mm + wmm - 1).bit_length())
     return dataclasses.replace(mt, s2mm=s2mm, mm2s=mm2s, banks=banks)
 
 
 def memtile_act_channels(cfg: OverlayConfig) -> int:
     """The memtile's activation MM2S channels in the array: channel ``s2mm + 2 + k``
-    (:func:`array_memtile`) streams like shim read channel ``k`` (header bit ``col`` to
-    column bus ``k mod 2``, bits ``row + r`` and the column mask to the row buses; the ``mt``
-    bit is ignored), from the memtile's memory instead of DDR."""
+    (:func:`array_memtile`) is merged (packet by packet) into shim read channel ``k``'s
+    stream before its split, so it streams as that channel does (header bit ``col`` to column
+    bus ``k mod 2``, bits ``row + r`` and the column mask to the row buses), from the
+    memtile's memory instead of DDR. Its packets must not carry the ``mt`` bit (the split
+    would write them into the memtile)."""
     return array_memtile(cfg).mm2s - min(cfg.memtile.mm2s, 2)
 
 
@@ -291,13 +293,23 @@ class Overlay(wiring.Component):
         net_valid = []
         row_inputs: list[list] = [[] for _ in range(R)]
         col_inputs: list[list] = [[] for _ in range(C)]
+        n_act = NMM - NWM
         for c in range(C):
             for k in range(NR):
                 # outputs: column bus, row buses, and (read channels with a memtile S2MM
-                # channel) the memtile: header bits col, row.., mt are contiguous
+                # channel) the memtile: header bits col, row.., mt are contiguous; the
+                # memtile's activation channel k shares the split with shim read channel k
                 sp = PacketSplit(wb, 1 + R + (k < NMS), rf.col, strip=False)
                 m.submodules[f"rdsplit_{c}_{k}"] = sp
-                wiring.connect(m, shims[c].rd_o[k], sp.i)
+                if k < n_act:
+                    am = PacketMerge(wb, 2)
+                    m.submodules[f"rdmerge_{c}_{k}"] = am
+                    wiring.connect(m, shims[c].rd_o[k], am.i[0])
+                    wiring.connect(m, mts[c].mm2s[NWM + k], am.i[1])
+                    wiring.connect(m, am.o, sp.i)
+                    net_valid.append(am.o.valid)
+                else:
+                    wiring.connect(m, shims[c].rd_o[k], sp.i)
                 col_inputs[c].append((k % 2, sp.o[0]))
                 for r in range(R):
                     row_inputs[r].append(sp.o[1 + r])
@@ -309,16 +321,6 @@ class Overlay(wiring.Component):
                 net_valid.append(mts[c].mm2s[j].valid)
                 if j < NWM:
                     col_inputs[c].append((j, mts[c].mm2s[j]))
-                    continue
-                # activation channel k: as shim read channel k, into column bus k mod 2
-                # and the row buses its header names (no memtile capture)
-                sp = PacketSplit(wb, 1 + R, rf.col, strip=False)
-                m.submodules[f"mtsplit_{c}_{j}"] = sp
-                wiring.connect(m, mts[c].mm2s[j], sp.i)
-                col_inputs[c].append(((j - NWM) % 2, sp.o[0]))
-                for r in range(R):
-                    row_inputs[r].append(sp.o[1 + r])
-                net_valid += [sp.o[k].valid for k in range(1 + R)]
         for r in range(R):
             mg = PacketMerge(wb, len(row_inputs[r]))
             m.submodules[f"rowmerge_{r}"] = mg

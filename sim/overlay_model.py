@@ -127,9 +127,12 @@ class _Channel:
 
     def __init__(self, words: list[np.ndarray], reads: list[int], *, col: int = 0,
                  bus: int = 0, step: int = 1, lat: int = 0, depth: int = 4,
-                 rows: bool = True) -> None:
+                 rows: bool = True, split: int | None = None) -> None:
         self.col, self.bus, self.step, self.lat = col, bus, step, lat
         self.depth, self.rows = depth, rows
+        # the column's read split the packets pass (shim read channel k and the memtile's
+        # activation channel k share split k), None for the memtile's weight channels
+        self.split = split
         stream = np.concatenate(words) if words else np.zeros(0, np.uint64)
         # DDR reads per stream word (1) or padding (0), to time each packet
         real = np.concatenate([np.ones(n, bool) if n == len(w) else _reads_mask(w, n)
@@ -429,7 +432,7 @@ class OverlayModel:
                 words, reads = _task_words(ddr, bds)
                 rd_words += sum(reads)
                 chans[(c, ch)] = _Channel(words, reads, col=c, bus=ch % 2, step=step, lat=lat,
-                                          depth=cfg.ddr.read_fifo_words)
+                                          depth=cfg.ddr.read_fifo_words, split=ch)
         # the memtile words the configuration writes (activation packets' headers)
         for c, words in getattr(job, "memtile_dm", {}).items():
             for a, w in words.items():
@@ -438,8 +441,8 @@ class OverlayModel:
                                      f"its {memtiles[c].size} words")
                 memtiles[c][a] = w
         # memtile MM2S channels: packets from the memtile's memory as the job found it; weight
-        # channel j into column bus j (never the row buses), activation channel k as shim read
-        # channel k (column bus k mod 2 and the row buses)
+        # channel j into column bus j (never the row buses), activation channel k through shim
+        # read channel k's split (column bus k mod 2 and the row buses)
         mt_rd = 0
         n_wmm = mcfg.mm2s - memtile_act_channels(cfg)
         for c, per in job.memtile_bds.items():
@@ -450,12 +453,20 @@ class OverlayModel:
                 if j >= mcfg.mm2s:
                     raise ValueError(f"memtile {c} has {mcfg.mm2s} MM2S channels in the array, "
                                      f"a job uses channel {ch}")
+                act = j >= n_wmm
+                if act and any(bd.acquire or bd.release for bd in bds):
+                    raise ValueError(f"memtile {c} activation channel {j - n_wmm}: a BD names "
+                                     f"a lock, and the activation channels have no lock port")
                 words, reads = _task_words(memtiles[c], bds, f"memtile {c}'s memory")
                 mt_rd += sum(reads)
-                act = j >= n_wmm
                 chans[(c, "mt", j)] = _Channel(words, reads, col=c,
                                                bus=(j - n_wmm) % 2 if act else j, step=1,
-                                               lat=_MT_LATENCY, depth=_MT_DEPTH, rows=act)
+                                               lat=_MT_LATENCY, depth=_MT_DEPTH, rows=act,
+                                               split=j - n_wmm if act else None)
+                if act and any(pk.header >> rf.mt & 1 for pk in chans[(c, "mt", j)].packets):
+                    raise ValueError(f"memtile {c} activation channel {j - n_wmm}: a packet "
+                                     f"has the mt bit, which would write it back into the "
+                                     f"memtile")
         mt_wr, releases = self._capture(job, chans, memtiles, mcfg)
         gates = self._memtile_gates(job, chans, mcfg, releases)
         # routing: which tile S2MM channel gets which packet (in channel order)
@@ -863,6 +874,8 @@ class OverlayModel:
         """The merged buses a packet of read channel ``chan`` holds."""
         rf = route_fields(self.cfg)
         out: list[tuple] = []
+        if chan.split is not None:
+            out.append(("rd", chan.col, chan.split))
         if header >> rf.col & 1 or not chan.rows:
             out.append(("col", chan.col, chan.bus))
         if chan.rows:
