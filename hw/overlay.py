@@ -189,6 +189,22 @@ def _instance(m: Module, module: str, name: str, sig: wiring.Signature):
     return intf
 
 
+def _merge_into(m: Module, srcs: list, dst, name: str, net_valid: list) -> None:
+    """Drive stream ``dst`` from ``srcs``: nothing, the one source, or a
+    :class:`~tilewright.hw.packet.PacketMerge` (submodule ``name``) of them."""
+    if not srcs:
+        m.d.comb += dst.valid.eq(0)
+    elif len(srcs) == 1:
+        wiring.connect(m, srcs[0], dst)
+    else:
+        mg = PacketMerge(len(dst.payload), len(srcs))
+        m.submodules[name] = mg
+        for j, src in enumerate(srcs):
+            wiring.connect(m, src, mg.i[j])
+        wiring.connect(m, mg.o, dst)
+        net_valid.append(mg.o.valid)
+
+
 class Overlay(wiring.Component):
     """The overlay top (``tw_overlay``).
 
@@ -346,17 +362,7 @@ class Overlay(wiring.Component):
                 srcs = [src for b, src in col_inputs[c] if b == bus]
                 sp = PacketSplit(wb, R, rf.tile, strip=True)
                 m.submodules[f"colsplit_{c}_{bus}"] = sp
-                if not srcs:
-                    m.d.comb += sp.i.valid.eq(0)
-                elif len(srcs) == 1:
-                    wiring.connect(m, srcs[0], sp.i)
-                else:
-                    mg = PacketMerge(wb, len(srcs))
-                    m.submodules[f"colmerge_{c}_{bus}"] = mg
-                    for j, src in enumerate(srcs):
-                        wiring.connect(m, src, mg.i[j])
-                    wiring.connect(m, mg.o, sp.i)
-                    net_valid.append(mg.o.valid)
+                _merge_into(m, srcs, sp.i, f"colmerge_{c}_{bus}", net_valid)
                 net_valid.append(sp.i.valid)
                 for r in range(R):
                     wiring.connect(m, sp.o[r], tiles[r][c].s2mm[1 + bus])
@@ -383,17 +389,7 @@ class Overlay(wiring.Component):
             mtw = DdrWriter(wb, mt_aw)
             m.submodules[f"mtwriter_{c}"] = mtw
             mt_writers.append(mtw)
-            if not to_mt:
-                m.d.comb += mtw.i.valid.eq(0)
-            elif len(to_mt) == 1:
-                wiring.connect(m, to_mt[0], mtw.i)
-            else:
-                mm = PacketMerge(wb, len(to_mt))
-                m.submodules[f"mtwmerge_{c}"] = mm
-                for j, src in enumerate(to_mt):
-                    wiring.connect(m, src, mm.i[j])
-                wiring.connect(m, mm.o, mtw.i)
-                net_valid.append(mm.o.valid)
+            _merge_into(m, to_mt, mtw.i, f"mtwmerge_{c}", net_valid)
 
         # ---- configuration -----------------------------------------------------------------
         kind = self.cfg_kind
