@@ -62,7 +62,7 @@ from .config import MemtileConfig, OverlayConfig
 from .memtile import CH_BITS as MT_CH_BITS
 from .memtile import memtile_signature
 from .packet import DdrWriter, PacketMerge, PacketSplit, StreamBroadcast
-from .shim import DDR_ADDR_BITS, SHIM_CH_BITS, shim_signature
+from .shim import DDR_ADDR_BITS, SHIM_CH_BITS, ddr_write_addr_bits, shim_signature
 from .tileunit import CH_BITS, N_LOCK_PORTS, N_MM2S, N_S2MM, tileunit_signature
 
 N_DMA = N_S2MM + N_MM2S
@@ -124,7 +124,7 @@ class RouteFields:
         self.tile = 18 + rows
         self.cols = 18 + 2 * rows
         self.bits = 18 + 2 * rows + cols
-        self.mw = 16 + min(DDR_ADDR_BITS, word_bits - 16) - 1
+        self.mw = 16 + ddr_write_addr_bits(word_bits) - 1
 
     def all_cols(self, n: int) -> int:
         """The header bits that send a row-bus packet to all ``n`` columns."""
@@ -282,7 +282,8 @@ class Overlay(wiring.Component):
         msig = memtile_signature(mcfg, cfg.tile.block)
         mts = [_instance(m, MEMTILE_MODULE, f"memtile_{c}", msig) for c in range(C)]
         NMS, NMM = mcfg.s2mm, mcfg.mm2s
-        NWM = NMM - memtile_act_channels(cfg)      # weight (column bus) MM2S channels
+        n_act = memtile_act_channels(cfg)
+        NWM = NMM - n_act                          # weight (column bus) MM2S channels
         mt_aw = len(mts[0].dm_addr)
         if rf.mw < 16 + mt_aw:
             raise ValueError(f"{cfg.name}: a {wb}-bit output header cannot hold a memtile "
@@ -309,7 +310,6 @@ class Overlay(wiring.Component):
         net_valid = []
         row_inputs: list[list] = [[] for _ in range(R)]
         col_inputs: list[list] = [[] for _ in range(C)]
-        n_act = NMM - NWM
         for c in range(C):
             for k in range(NR):
                 # outputs: column bus, row buses, and (read channels with a memtile S2MM
@@ -440,10 +440,10 @@ class Overlay(wiring.Component):
             # the host port: configuration writes (memory constants: the headers of the
             # activation channels' packets) before a run, the output writer during it
             w = mt_writers[c].mem
-            cfg_dm = self.cfg_we & (self.cfg_unit == R * C + C + c) & (kind == CFG_KINDS["dm"])
+            unit = self.cfg_unit == R * C + C + c
+            cfg_dm = self.cfg_we & unit & (kind == CFG_KINDS["dm"])
             m.d.comb += [
-                mt.lock_wr_en.eq(self.cfg_we & (self.cfg_unit == R * C + C + c)
-                                 & (kind == CFG_KINDS["lock"])),
+                mt.lock_wr_en.eq(self.cfg_we & unit & (kind == CFG_KINDS["lock"])),
                 mt.lock_wr_id.eq(self.cfg_addr),
                 mt.lock_wr_value.eq(self.cfg_data),
                 mt.dm_we.eq(cfg_dm | w.we), mt.dm_re.eq(0),
@@ -451,7 +451,7 @@ class Overlay(wiring.Component):
                 mt.dm_wdata.eq(Mux(cfg_dm, self.cfg_data[:wb], w.wdata)),
                 w.ready.eq(mt.dm_ready & ~cfg_dm),
             ]
-            with m.If((self.cfg_unit == R * C + C + c) & (kind == CFG_KINDS["dm"])):
+            with m.If(unit & (kind == CFG_KINDS["dm"])):
                 m.d.comb += ready.eq(mt.dm_ready)
         m.d.comb += self.cfg_ready.eq(ready)
 

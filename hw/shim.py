@@ -27,6 +27,12 @@ __all__ = ["DDR_ADDR_BITS", "SHIM_CH_BITS", "Shim", "shim_signature"]
 
 #: Word address width of the DDR ports (2**28 words: 2 GiB of 8-byte words).
 DDR_ADDR_BITS = 28
+
+
+def ddr_write_addr_bits(word_bits: int) -> int:
+    """Address bits of a shim write channel's :class:`~tilewright.hw.packet.DdrWriter`: the
+    header's field above its 16-bit length, at most :data:`DDR_ADDR_BITS`."""
+    return min(DDR_ADDR_BITS, word_bits - 16)
 #: Bits of a channel number in ``bd_ch`` and in the task payload.
 SHIM_CH_BITS = 3
 
@@ -117,7 +123,7 @@ class Shim(wiring.Component):
         writers = []
         for k in range(cfg.ddr.write_channels):
             # the header holds word_bits - 16 address bits (16 for 4-byte words)
-            w = DdrWriter(wb, min(DDR_ADDR_BITS, wb - 16))
+            w = DdrWriter(wb, ddr_write_addr_bits(wb))
             m.submodules[f"wr{k}"] = w
             writers.append(w)
             m.d.comb += [self.wr[k].addr.eq(w.mem.addr), self.wr[k].we.eq(w.mem.we),
